@@ -1,0 +1,7 @@
+"""SMMS trainers for nnU-Net v2."""
+from nnunetv2_smms.trainers.nnUNetTrainerSMMS import nnUNetTrainerSMMS
+from nnunetv2_smms.trainers.variants import (nnUNetTrainerSMMS_Baseline, nnUNetTrainerSMMS_MMF,
+                                             nnUNetTrainerSMMS_MMF_MAE, nnUNetTrainerSMMS_MMF_MCML)
+
+__all__ = ["nnUNetTrainerSMMS", "nnUNetTrainerSMMS_Baseline", "nnUNetTrainerSMMS_MMF", "nnUNetTrainerSMMS_MMF_MAE",
+           "nnUNetTrainerSMMS_MMF_MCML"]

@@ -1,0 +1,22 @@
+"""Ablation trainers of the paper's Table 2: each flips switches of nnUNetTrainerSMMS (the full method)."""
+from nnunetv2_smms.trainers.nnUNetTrainerSMMS import nnUNetTrainerSMMS
+
+
+class nnUNetTrainerSMMS_Baseline(nnUNetTrainerSMMS):
+    """Two branches, no MMF, no MAE, no MCML (labeled cases only)."""
+    use_mmf = False
+    use_mae = False
+    use_mcml = False
+
+
+class nnUNetTrainerSMMS_MMF(nnUNetTrainerSMMS):
+    use_mae = False
+    use_mcml = False
+
+
+class nnUNetTrainerSMMS_MMF_MAE(nnUNetTrainerSMMS):
+    use_mcml = False
+
+
+class nnUNetTrainerSMMS_MMF_MCML(nnUNetTrainerSMMS):
+    use_mae = False

@@ -1,0 +1,243 @@
+"""`nnunetv2_smms preprocess-unlabeled`: preprocess nnUNet_raw/DatasetXXX/imagesUnlabeled with nnU-Net's own
+preprocessor, plans and configuration, into a sibling of the configuration's preprocessed folder:
+
+    nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_unlabeled/   (e.g. nnUNetPlans_3d_fullres_unlabeled)
+
+Planning, fingerprint and normalization stay those of the labeled cases (the unlabeled cases never enter
+nnU-Net's fingerprint), so plain nnU-Net on the same dataset is a fair baseline. Cases are preprocessed without
+segmentation; nnU-Net then stores only its nonzero mask (-1 outside the image's nonzero region, 0 inside) in
+the *_seg file and no class locations. Nothing is marked with the ignore label.
+
+The folder carries ``smms_stamp.json``: a hash of everything in the plans that changes preprocessing, plus
+the list of raw files (name, size, mtime). Re-planning or changed raw files make it stale; the trainer then
+stops and names the command that fixes it. The folder is built in a temporary sibling and renamed into
+place, so it is complete or absent.
+"""
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import tempfile
+from typing import Dict, List, Optional
+
+from tqdm import tqdm
+
+STAMP_FILE = "smms_stamp.json"
+RAW_FOLDER = "imagesUnlabeled"
+
+
+class UnlabeledDataError(RuntimeError):
+    pass
+
+
+def fix_command(dataset_name: str, configuration: str, plans_identifier: str) -> str:
+    cmd = f"nnunetv2_smms preprocess-unlabeled -d {dataset_name} -c {configuration}"
+    if plans_identifier != "nnUNetPlans":
+        cmd += f" -p {plans_identifier}"
+    return cmd
+
+
+def unlabeled_folder(preprocessed_dataset_folder: str, data_identifier: str) -> str:
+    return os.path.join(preprocessed_dataset_folder, data_identifier + "_unlabeled")
+
+
+def collect_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[str, List[str]]:
+    """{case_id: [file of channel 0, file of channel 1, ...]} from imagesUnlabeled, validated: every file is
+    CASE_XXXX<file_ending>, and every case has exactly the dataset's channels."""
+    folder = os.path.join(raw_dataset_folder, RAW_FOLDER)
+    if not os.path.isdir(folder):
+        return {}
+    ending = dataset_json["file_ending"]
+    n_channels = len(dataset_json["channel_names"])
+    pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(ending) + "$")
+    cases: Dict[str, Dict[int, str]] = {}
+    for f in sorted(os.listdir(folder)):
+        if f.startswith("."):
+            continue
+        m = pattern.match(f)
+        if m is None:
+            raise UnlabeledDataError(
+                f"{os.path.join(folder, f)}: not an image of the form CASE_XXXX{ending} (the dataset's file_ending "
+                f"is {ending!r}, channels are numbered 0000..{n_channels - 1:04d}). Rename or remove the file.")
+        cases.setdefault(m.group(1), {})[int(m.group(2))] = os.path.join(folder, f)
+    out = {}
+    for case, channels in cases.items():
+        expected = set(range(n_channels))
+        if set(channels) != expected:
+            missing = sorted(expected - set(channels))
+            extra = sorted(set(channels) - expected)
+            raise UnlabeledDataError(
+                f"unlabeled case {case!r} in {folder}: has channels {sorted(channels)} but the dataset has "
+                f"{n_channels} ({dataset_json['channel_names']})"
+                + (f"; missing {', '.join(f'{case}_{c:04d}{ending}' for c in missing)}" if missing else "")
+                + (f"; unexpected {', '.join(f'{case}_{c:04d}{ending}' for c in extra)}" if extra else "")
+                + ". Every unlabeled case needs exactly the channels of imagesTr.")
+        out[case] = [channels[c] for c in range(n_channels)]
+    return out
+
+
+def plans_hash(plans: dict, configuration_name: str, dataset_json: dict) -> str:
+    """Hash of what determines preprocessing: the resolved configuration (without our own 'smms' entry), the
+    intensity properties, transpose and reader, and the dataset's channels."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    cfg = dict(PlansManager(plans).get_configuration(configuration_name).configuration)
+    cfg.pop("smms", None)
+    relevant = {
+        "configuration": cfg,
+        "plans_name": plans.get("plans_name"),
+        "intensity": plans.get("foreground_intensity_properties_per_channel"),
+        "transpose_forward": plans.get("transpose_forward"),
+        "reader": plans.get("image_reader_writer"),
+        "channel_names": dataset_json.get("channel_names"),
+        "file_ending": dataset_json.get("file_ending"),
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def raw_listing(cases: Dict[str, List[str]]) -> Dict[str, list]:
+    return {c: [[os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+            for c, files in sorted(cases.items())}
+
+
+def _load_context(dataset_name_or_id, configuration: str, plans_identifier: str):
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    dataset_name = maybe_convert_to_dataset_name(dataset_name_or_id)
+    if nnUNet_preprocessed is None:
+        raise UnlabeledDataError("nnUNet_preprocessed is not set")
+    pre = os.path.join(nnUNet_preprocessed, dataset_name)
+    plans_file = os.path.join(pre, plans_identifier + ".json")
+    if not os.path.isfile(plans_file):
+        raise UnlabeledDataError(f"{plans_file} not found: plan the labeled dataset first "
+                                 f"(nnUNetv2_plan_and_preprocess -d {dataset_name} -c {configuration})")
+    plans = load_json(plans_file)
+    if configuration not in plans["configurations"]:
+        raise UnlabeledDataError(f"configuration {configuration!r} is not in {plans_file} "
+                                 f"(has {sorted(plans['configurations'])})")
+    dataset_json = load_json(os.path.join(pre, "dataset.json"))
+    raw = os.path.join(nnUNet_raw, dataset_name) if nnUNet_raw is not None else None
+    return dataset_name, pre, raw, plans, dataset_json
+
+
+def stamp_status(folder: str, expected_hash: str, listing: Optional[dict]) -> str:
+    """'ok', 'missing' or a sentence saying why the folder is stale."""
+    stamp_path = os.path.join(folder, STAMP_FILE)
+    if not os.path.isfile(stamp_path):
+        return "missing"
+    with open(stamp_path) as f:
+        stamp = json.load(f)
+    if stamp.get("plans_hash") != expected_hash:
+        return "it was made with other plans (the dataset was re-planned or the plans changed)"
+    if listing is not None and stamp.get("raw") != listing:
+        return "the raw unlabeled images changed since (files added, removed or modified)"
+    return "ok"
+
+
+def check_unlabeled_ready(dataset_name: str, preprocessed_dataset_folder: str, raw_dataset_folder: Optional[str],
+                          plans: dict, configuration: str, dataset_json: dict, plans_identifier: str) -> str:
+    """The unlabeled folder to train from; raises UnlabeledDataError naming the fixing command otherwise."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
+    folder = unlabeled_folder(preprocessed_dataset_folder, data_identifier)
+    cases = collect_unlabeled_cases(raw_dataset_folder, dataset_json) \
+        if raw_dataset_folder is not None and os.path.isdir(raw_dataset_folder) else None
+    status = stamp_status(folder, plans_hash(plans, configuration, dataset_json),
+                          raw_listing(cases) if cases else None)
+    cmd = fix_command(dataset_name, configuration, plans_identifier)
+    if status == "missing":
+        if cases == {}:
+            raise UnlabeledDataError(
+                f"No unlabeled cases for {dataset_name}: put them in "
+                f"{os.path.join(raw_dataset_folder, RAW_FOLDER)} (CASE_0000{dataset_json['file_ending']}, ...), "
+                f"then run: {cmd}. To train without unlabeled data use nnUNetTrainerSMMS_MMF_MAE (no MCML).")
+        raise UnlabeledDataError(f"The unlabeled cases of {dataset_name} are not preprocessed for configuration "
+                                 f"{configuration!r} ({folder} missing). Run: {cmd}")
+    if status != "ok":
+        raise UnlabeledDataError(f"The preprocessed unlabeled cases in {folder} are stale: {status}. Run: {cmd}")
+    return folder
+
+
+def _preprocess_one(args):
+    out_truncated, files, plans, configuration, dataset_json = args
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    try:
+        cm.preprocessor_class(verbose=False).run_case_save(out_truncated, files, None, pm, cm, dataset_json)
+    except Exception as e:
+        raise UnlabeledDataError(f"unlabeled case {os.path.basename(out_truncated)!r} (files {files}) could not be "
+                                 f"preprocessed: {type(e).__name__}: {e}. Fix or remove these files.") from e
+    return os.path.basename(out_truncated)
+
+
+def preprocess_unlabeled(dataset_name_or_id, configuration: str = "3d_fullres",
+                         plans_identifier: str = "nnUNetPlans", num_processes: int = 1, force: bool = False) -> str:
+    dataset_name, pre, raw, plans, dataset_json = _load_context(dataset_name_or_id, configuration, plans_identifier)
+    cases = collect_unlabeled_cases(raw, dataset_json) if raw is not None else {}
+    if not cases:
+        raise UnlabeledDataError(f"No unlabeled cases found in {os.path.join(str(raw), RAW_FOLDER)} "
+                                 f"(expected CASE_0000{dataset_json['file_ending']}, CASE_0001... per case)")
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
+    target = unlabeled_folder(pre, data_identifier)
+    expected_hash, listing = plans_hash(plans, configuration, dataset_json), raw_listing(cases)
+    if not force and stamp_status(target, expected_hash, listing) == "ok":
+        print(f"{target} is up to date ({len(cases)} cases); use --force to redo it")
+        return target
+
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(target) + ".", dir=pre)
+    try:
+        jobs = [(os.path.join(tmp, c), files, plans, configuration, dataset_json) for c, files in cases.items()]
+        desc = f"Preprocessing unlabeled cases ({configuration})"
+        if num_processes <= 1:
+            for j in tqdm(jobs, desc=desc):
+                _preprocess_one(j)
+        else:
+            with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
+                for _ in tqdm(pool.imap_unordered(_preprocess_one, jobs), total=len(jobs), desc=desc):
+                    pass
+        with open(os.path.join(tmp, STAMP_FILE), "w") as f:
+            json.dump({"plans_hash": expected_hash, "configuration": configuration,
+                       "plans_identifier": plans_identifier, "raw": listing}, f, indent=1)
+        old = None
+        if os.path.isdir(target):
+            old = tempfile.mkdtemp(prefix="." + os.path.basename(target) + ".old.", dir=pre)
+            os.replace(target, os.path.join(old, "x"))
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"Preprocessed {len(cases)} unlabeled cases into {target}")
+    return target
+
+
+def _run(args) -> int:
+    import sys
+    try:
+        for c in args.c:
+            preprocess_unlabeled(args.d, c, args.p, args.np, args.force)
+    except UnlabeledDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "preprocess-unlabeled",
+        help="preprocess nnUNet_raw/DatasetXXX/imagesUnlabeled with the dataset's plans",
+        description="Preprocess the unlabeled cases (nnUNet_raw/DatasetXXX_Name/imagesUnlabeled/CASE_XXXX.ext, "
+                    "same channels and file ending as imagesTr) with nnU-Net's own preprocessor and the labeled "
+                    "dataset's plans, into nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_unlabeled. "
+                    "Run it after nnUNetv2_plan_and_preprocess, and again after any re-planning.")
+    p.add_argument("-d", required=True, help="dataset name or id")
+    p.add_argument("-c", nargs="+", default=["3d_fullres"], help="configuration(s) (default: 3d_fullres)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-np", type=int, default=1, help="number of processes (default: 1)")
+    p.add_argument("--force", action="store_true", help="redo even if the folder is up to date")
+    p.set_defaults(func=_run)
