@@ -11,7 +11,11 @@ import sys
 SUBCOMMAND_MODULES = (
     "nnunetv2_smms.ext_trainer_dir",
     "nnunetv2_smms.unlabeled.preprocess",
+    "nnunetv2_smms.demo",
     "nnunetv2_smms.evaluation.evaluate",
+    "nnunetv2_smms.dataset_conversion.brats",
+    "nnunetv2_smms.dataset_conversion.ct_mr",
+    "nnunetv2_smms.dataset_conversion.common",
 )
 
 

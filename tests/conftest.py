@@ -1,0 +1,69 @@
+"""Shared fixtures: nnU-Net environments in temporary folders and ONE tiny SMMS model trained through the real
+nnU-Net commands, reused by every test that needs a trained model."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nnunetv2_smms.ext_trainer_dir import ext_trainer_env
+
+REPO = Path(__file__).resolve().parents[1]
+BRATS_DIR = REPO.parent / "shared" / "data" / "brats18"
+DATASET_ID = 501
+DATASET_NAME = "Dataset501_SMMSTest"
+TRAIN_EPOCHS = 2
+
+
+def nnunet_env(root: Path, **extra) -> dict:
+    """Environment for nnU-Net subprocesses rooted at `root` (CPU-friendly settings, our trainers visible)."""
+    env = dict(os.environ)
+    env.update(
+        nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+        nnUNet_results=str(root / "results"), nnUNet_extTrainer=ext_trainer_env(""),
+        nnUNet_compile="f", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run(cmd, env, timeout=1200, expect_ok=True) -> subprocess.CompletedProcess:
+    """Run a command line tool; on an unexpected exit code fail with the end of its output."""
+    p = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout)
+    if expect_ok and p.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}\n--- stdout ---\n{p.stdout[-4000:]}"
+                             f"\n--- stderr ---\n{p.stderr[-4000:]}")
+    return p
+
+
+def smms_cli(*args):
+    return [sys.executable, "-m", "nnunetv2_smms.cli", *args]
+
+
+def prepare_synthetic(root: Path, dataset_id=DATASET_ID, name="SMMSTest", shape=(24, 24, 24), **kw) -> dict:
+    """Generate a synthetic dataset and run nnU-Net planning/preprocessing plus preprocess-unlabeled."""
+    from nnunetv2_smms.dataset_conversion.synthetic import make_synthetic_dataset
+    env = nnunet_env(root)
+    raw = make_synthetic_dataset(root / "raw", dataset_id=dataset_id, name=name, shape=shape,
+                                 **({"n_labeled": 6, "n_unlabeled": 6, "n_test": 2} | kw))
+    run(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres", "-np", "1",
+         "--verify_dataset_integrity"], env)
+    run(smms_cli("preprocess-unlabeled", "-d", dataset_id, "-c", "3d_fullres"), env)
+    return {"root": root, "raw": raw, "env": env}
+
+
+@pytest.fixture(scope="session")
+def prepared_dataset(tmp_path_factory) -> dict:
+    return prepare_synthetic(tmp_path_factory.mktemp("smms_prepared"))
+
+
+@pytest.fixture(scope="session")
+def trained_smms_model(prepared_dataset) -> dict:
+    """nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainerSMMS -device cpu, a few iterations."""
+    env = dict(prepared_dataset["env"], nnUNet_smms_epochs=str(TRAIN_EPOCHS), nnUNet_smms_iterations_per_epoch="2",
+               nnUNet_smms_val_iterations="1")
+    p = run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", "nnUNetTrainerSMMS", "-device", "cpu"], env)
+    root, raw = prepared_dataset["root"], prepared_dataset["raw"]
+    return {"model_folder": root / "results" / raw.name / "nnUNetTrainerSMMS__nnUNetPlans__3d_fullres",
+            "images_ts": raw / "imagesTs", "labels_ts": raw / "labelsTs", "env": env, "root": root, "raw": raw,
+            "train_stdout": p.stdout}
