@@ -163,6 +163,12 @@ def check_unlabeled_ready(dataset_name: str, preprocessed_dataset_folder: str, r
 def _preprocess_one(args):
     out_truncated, files, plans, configuration, dataset_json = args
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2_smms.io_checks import truncation_problem
+    for f in files:
+        problem = truncation_problem(f)
+        if problem is not None:
+            raise UnlabeledDataError(f"unlabeled case {os.path.basename(out_truncated)!r}: {f} is truncated or "
+                                     f"corrupt ({problem}). Re-copy or remove this case's files.")
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
     try:
