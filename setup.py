@@ -22,6 +22,7 @@ setup(
         "dynamic-network-architectures",
         "matplotlib",
         "tqdm",
+        "medpy>=0.5.2,<0.6",
     ],
     extras_require={
         "test": ["pytest"],

@@ -30,7 +30,6 @@ def _run(cmd, env) -> None:
 
 def dice_table(pred_dirs: dict, labels_dir: Path):
     """{column: {case: dice}} for the foreground (label > 0) of each prediction folder."""
-    import numpy as np
     import SimpleITK as sitk
     table = {}
     for col, d in pred_dirs.items():

@@ -13,7 +13,7 @@ Outputs:
   and folds), ``'a'`` / ``'b'`` return one branch (per-modality evaluation).
 Parameter names do not depend on the deep-supervision flag (the decoders always own their seg layers).
 """
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import torch
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He

@@ -8,14 +8,13 @@ The label is the whole lesion (core + rim, one class), so a model that sees one 
 or is fooled by that modality's distractor. Used by ``nnunetv2_smms demo`` and by the tests.
 """
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
+
+from nnunetv2_smms.staging import staged_folder
 
 CHANNEL_NAMES = {"0": "CoreMod", "1": "RimMod"}
 
@@ -68,16 +67,12 @@ def make_synthetic_dataset(raw_root, dataset_id: int = 501, name: str = "SMMSDem
                            seed: int = 0, overwrite: bool = False) -> Path:
     """Write DatasetXXX_Name under raw_root (imagesTr/labelsTr, imagesUnlabeled, imagesTs/labelsTs, dataset.json).
 
-    The folder is written to a temporary sibling and renamed into place, so it is either complete or absent."""
-    raw_root = Path(raw_root)
-    target = raw_root / f"Dataset{dataset_id:03d}_{name}"
-    if target.exists():
-        if not overwrite:
-            raise FileExistsError(f"{target} exists; pass overwrite=True (demo: --overwrite) to replace it")
-    raw_root.mkdir(parents=True, exist_ok=True)
+    The folder is staged and renamed into place (nnunetv2_smms.staging), so it is either complete or absent."""
+    target = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True (demo: --overwrite) to replace it")
     rng = np.random.default_rng(seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=raw_root))
-    try:
+    with staged_folder(target) as tmp:
         for sub in ("imagesTr", "labelsTr", "imagesUnlabeled", "imagesTs", "labelsTs"):
             (tmp / sub).mkdir()
         groups = (("imagesTr", "labelsTr", "case", n_labeled), ("imagesUnlabeled", None, "unl", n_unlabeled),
@@ -96,10 +91,4 @@ def make_synthetic_dataset(raw_root, dataset_id: int = 501, name: str = "SMMSDem
                                        "label = core + rim",
                         "smms": {"branch_a": [0], "branch_b": [1]}}
         (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

@@ -11,18 +11,18 @@ the *_seg file and no class locations. Nothing is marked with the ignore label.
 The folder carries ``smms_stamp.json``: a hash of everything in the plans that changes preprocessing, plus
 the list of raw files (name, size, mtime). Re-planning or changed raw files make it stale; the trainer then
 stops and names the command that fixes it. The folder is built in a temporary sibling and renamed into
-place, so it is complete or absent.
+place (nnunetv2_smms.staging), so it is complete or absent.
 """
 import hashlib
 import json
 import multiprocessing
 import os
 import re
-import shutil
-import tempfile
 from typing import Dict, List, Optional
 
 from tqdm import tqdm
+
+from nnunetv2_smms.staging import staged_folder
 
 STAMP_FILE = "smms_stamp.json"
 RAW_FOLDER = "imagesUnlabeled"
@@ -194,8 +194,7 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str = "3d_fullres",
         print(f"{target} is up to date ({len(cases)} cases); use --force to redo it")
         return target
 
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(target) + ".", dir=pre)
-    try:
+    with staged_folder(target) as tmp:
         jobs = [(os.path.join(tmp, c), files, plans, configuration, dataset_json) for c, files in cases.items()]
         desc = f"Preprocessing unlabeled cases ({configuration})"
         if num_processes <= 1:
@@ -208,16 +207,6 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str = "3d_fullres",
         with open(os.path.join(tmp, STAMP_FILE), "w") as f:
             json.dump({"plans_hash": expected_hash, "configuration": configuration,
                        "plans_identifier": plans_identifier, "raw": listing}, f, indent=1)
-        old = None
-        if os.path.isdir(target):
-            old = tempfile.mkdtemp(prefix="." + os.path.basename(target) + ".old.", dir=pre)
-            os.replace(target, os.path.join(old, "x"))
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"Preprocessed {len(cases)} unlabeled cases into {target}")
     return target
 
