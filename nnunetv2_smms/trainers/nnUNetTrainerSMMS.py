@@ -18,8 +18,11 @@ Environment variables (all optional):
   nnUNet_smms_unlabeled_batch_size unlabeled cases per step (global over GPUs; default: the planned batch size)
   nnUNet_smms_epochs / nnUNet_smms_iterations_per_epoch / nnUNet_smms_val_iterations   shorter schedules
   nnUNet_smms_output_branch        fused | a | b: what the network returns at inference (nnUNetv2_predict)
+  nnUNet_smms_seed                 seed Python, NumPy and torch at start-up; with nnUNet_n_proc_DA=0 (augmentation in
+                                   the main process) two CPU runs then give the same losses
 """
 import os
+import random
 from typing import List
 
 import numpy as np
@@ -74,6 +77,11 @@ class nnUNetTrainerSMMS(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.seed = _env_int("nnUNet_smms_seed", None)
+        if self.seed is not None:
+            random.seed(self.seed)
+            np.random.seed(self.seed)
+            torch.manual_seed(self.seed)
         self.num_epochs = _env_int("nnUNet_smms_epochs", self.num_epochs)
         self.num_iterations_per_epoch = _env_int("nnUNet_smms_iterations_per_epoch", self.num_iterations_per_epoch)
         self.num_val_iterations_per_epoch = _env_int("nnUNet_smms_val_iterations", self.num_val_iterations_per_epoch)
