@@ -55,7 +55,7 @@ def print_table(table: dict) -> None:
     print("mean".ljust(14) + "".join(f"{np.mean(list(table[c].values())):.3f}".rjust(width) for c in cols))
 
 
-def run_demo(workdir: Path, raw_dataset: Path = None, epochs: int = 6, iterations: int = 12, device: str = None,
+def run_demo(workdir: Path, raw_dataset: Path = None, epochs: int = 5, iterations: int = 10, device: str = None,
              overwrite: bool = False) -> dict:
     import json
     import torch
@@ -152,8 +152,8 @@ def register(subparsers) -> None:
     p.add_argument("--dataset", help="an nnU-Net raw dataset folder (DatasetXXX_Name with imagesTr, labelsTr, "
                                      "imagesUnlabeled, optionally imagesTs/labelsTs) to use instead of the "
                                      "synthetic one")
-    p.add_argument("--epochs", type=int, default=6, help="training epochs (default: 6)")
-    p.add_argument("--iterations", type=int, default=12, help="iterations per epoch (default: 12)")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs (default: 5)")
+    p.add_argument("--iterations", type=int, default=10, help="iterations per epoch (default: 10)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--overwrite", action="store_true", help="delete the work folder first")
     p.set_defaults(func=_cli)
