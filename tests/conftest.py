@@ -12,7 +12,6 @@ from nnunetv2_smms.ext_trainer_dir import ext_trainer_env
 REPO = Path(__file__).resolve().parents[1]
 BRATS_DIR = REPO.parent / "shared" / "data" / "brats18"
 DATASET_ID = 501
-DATASET_NAME = "Dataset501_SMMSTest"
 TRAIN_EPOCHS = 2
 
 
@@ -22,14 +21,15 @@ def nnunet_env(root: Path, **extra) -> dict:
     env.update(
         nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
         nnUNet_results=str(root / "results"), nnUNet_extTrainer=ext_trainer_env(""),
-        nnUNet_compile="f", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", PYTHONUNBUFFERED="1")
+        nnUNet_compile="f", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", PYTHONUNBUFFERED="1", PYTHONUTF8="1", PYTHONIOENCODING="utf-8")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
 def run(cmd, env, timeout=1200, expect_ok=True) -> subprocess.CompletedProcess:
     """Run a command line tool; on an unexpected exit code fail with the end of its output."""
-    p = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, timeout=timeout, encoding="utf-8",
+                       errors="replace")
     if expect_ok and p.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}\n--- stdout ---\n{p.stdout[-4000:]}"
                              f"\n--- stderr ---\n{p.stderr[-4000:]}")

@@ -66,7 +66,7 @@ def test_nnunet_integrity_check_and_planning_accept_the_dataset(dataset, nnunet_
     outputs = []
     for command in (["nnUNetv2_extract_fingerprint", "-d", "501", "--verify_dataset_integrity", "-np", "1"],
                     ["nnUNetv2_plan_experiment", "-d", "501", "-np", "1"]):
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(command, env=env, capture_output=True, timeout=300, encoding="utf-8", errors="replace")
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         outputs.append(result.stdout)
     assert "verify_dataset_integrity Done" in outputs[0]

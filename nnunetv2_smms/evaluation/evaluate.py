@@ -316,7 +316,7 @@ def write_figures(out_folder: str, rows: Sequence[dict], labels: Labels, sources
 def _load_json(path: str) -> dict:
     import json
 
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 

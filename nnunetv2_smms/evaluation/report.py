@@ -52,7 +52,7 @@ def atomic_path(path: str) -> Iterator[str]:
 
 
 def write_csv(rows: Sequence[dict], path: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
@@ -102,7 +102,7 @@ def write_summary_json(summary: dict, path: str, region_names: Dict[str, str], c
     NaN is written as null."""
     document = {"definitions": DEFINITIONS, "regions": region_names, "cases": list(cases),
                 "settings": settings, "results": summary}
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(_json_safe(document), f, indent=2, allow_nan=False)
         f.write("\n")
 
@@ -145,5 +145,5 @@ def format_table(summary: dict, region: str, region_name: str, distance: str = "
 
 
 def write_text(text: str, path: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
