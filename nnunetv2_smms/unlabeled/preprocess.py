@@ -78,12 +78,20 @@ def collect_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict
     return out
 
 
+# keys of a resolved configuration that do not change how a case is preprocessed: configurations that differ
+# only in these (e.g. `nnunetv2_smms plan-gpu`'s 3d_fullres_smms_12GB, which inherits 3d_fullres and keeps its
+# data_identifier) share one unlabeled folder and one stamp
+NOT_PREPROCESSING_KEYS = ("smms", "smms_gpu_plan", "patch_size", "batch_size", "architecture", "inherits_from")
+
+
 def plans_hash(plans: dict, configuration_name: str, dataset_json: dict) -> str:
-    """Hash of what determines preprocessing: the resolved configuration (without our own 'smms' entry), the
-    intensity properties, transpose and reader, and the dataset's channels."""
+    """Hash of what determines preprocessing: the resolved configuration (without our own 'smms' entry and the
+    training-only keys patch_size, batch_size, architecture), the intensity properties, transpose and reader, and
+    the dataset's channels."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     cfg = dict(PlansManager(plans).get_configuration(configuration_name).configuration)
-    cfg.pop("smms", None)
+    for key in NOT_PREPROCESSING_KEYS:
+        cfg.pop(key, None)
     relevant = {
         "configuration": cfg,
         "plans_name": plans.get("plans_name"),
@@ -101,13 +109,28 @@ def raw_listing(cases: Dict[str, List[str]]) -> Dict[str, list]:
             for c, files in sorted(cases.items())}
 
 
+def env_folder(path) -> Optional[str]:
+    """A folder from nnunetv2.paths as str, None when unset. nnunetv2 2.8.1 holds lazy _EnvPath objects, never
+    None (os.path.join on an unset one raises RuntimeError); older releases hold a str or None."""
+    if path is None:
+        return None
+    if hasattr(path, "is_set"):
+        return path.get() if path.is_set() else None
+    return os.fspath(path)
+
+
 def _load_context(dataset_name_or_id, configuration: str, plans_identifier: str):
     from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2 import paths
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    dataset_name = maybe_convert_to_dataset_name(dataset_name_or_id)
+    nnUNet_preprocessed, nnUNet_raw = env_folder(paths.nnUNet_preprocessed), env_folder(paths.nnUNet_raw)
     if nnUNet_preprocessed is None:
-        raise UnlabeledDataError("nnUNet_preprocessed is not set")
+        raise UnlabeledDataError("nnUNet_preprocessed is not set: export nnUNet_raw and nnUNet_preprocessed as for "
+                                 "nnUNetv2_plan_and_preprocess")
+    try:
+        dataset_name = maybe_convert_to_dataset_name(dataset_name_or_id)
+    except RuntimeError as e:
+        raise UnlabeledDataError(" ".join(str(e).split())) from None
     pre = os.path.join(nnUNet_preprocessed, dataset_name)
     plans_file = os.path.join(pre, plans_identifier + ".json")
     if not os.path.isfile(plans_file):
@@ -163,18 +186,22 @@ def check_unlabeled_ready(dataset_name: str, preprocessed_dataset_folder: str, r
 def _preprocess_one(args):
     out_truncated, files, plans, configuration, dataset_json = args
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_smms.io_checks import truncation_problem
-    for f in files:
-        problem = truncation_problem(f)
+    from nnunetv2_smms.io_checks import channel_grid_problem, image_file_problem
+    case = os.path.basename(out_truncated)
+    for f in files:  # before nnU-Net reads them: it reads truncated files as zeros and keeps NaN/inf voxels
+        problem = image_file_problem(f)
         if problem is not None:
-            raise UnlabeledDataError(f"unlabeled case {os.path.basename(out_truncated)!r}: {f} is truncated or "
-                                     f"corrupt ({problem}). Re-copy or remove this case's files.")
+            raise UnlabeledDataError(f"unlabeled case {case!r}: {f} {problem}. Fix, re-copy or remove this case's "
+                                     f"files.")
+    problem = channel_grid_problem(files)
+    if problem is not None:
+        raise UnlabeledDataError(f"unlabeled case {case!r}: {problem}. Fix or remove this case's files.")
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
     try:
         cm.preprocessor_class(verbose=False).run_case_save(out_truncated, files, None, pm, cm, dataset_json)
     except Exception as e:
-        raise UnlabeledDataError(f"unlabeled case {os.path.basename(out_truncated)!r} (files {files}) could not be "
+        raise UnlabeledDataError(f"unlabeled case {case!r} (files {files}) could not be "
                                  f"preprocessed: {type(e).__name__}: {e}. Fix or remove these files.") from e
     return os.path.basename(out_truncated)
 
@@ -182,7 +209,10 @@ def _preprocess_one(args):
 def preprocess_unlabeled(dataset_name_or_id, configuration: str = "3d_fullres",
                          plans_identifier: str = "nnUNetPlans", num_processes: int = 1, force: bool = False) -> str:
     dataset_name, pre, raw, plans, dataset_json = _load_context(dataset_name_or_id, configuration, plans_identifier)
-    cases = collect_unlabeled_cases(raw, dataset_json) if raw is not None else {}
+    if raw is None:
+        raise UnlabeledDataError("nnUNet_raw is not set: the unlabeled cases are read from "
+                                 "$nnUNet_raw/DatasetXXX_Name/imagesUnlabeled")
+    cases = collect_unlabeled_cases(raw, dataset_json)
     if not cases:
         raise UnlabeledDataError(f"No unlabeled cases found in {os.path.join(str(raw), RAW_FOLDER)} "
                                  f"(expected CASE_0000{dataset_json['file_ending']}, CASE_0001... per case)")
