@@ -135,7 +135,7 @@ class nnUNetTrainerSMMS(nnUNetTrainer):
         dataset_name = self.plans_manager.dataset_name
         folder = check_unlabeled_ready(
             dataset_name, self.preprocessed_dataset_folder_base,
-            os.path.join(nnUNet_raw, dataset_name) if nnUNet_raw is not None else None,
+            os.path.join(nnUNet_raw.get(), dataset_name) if nnUNet_raw.is_set() else None,
             self.plans_manager.plans, self.configuration_name, self.dataset_json, self.plans_manager.plans_name)
         dataset = nnUNetDatasetBlosc2(folder)
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
