@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = (
     "nnunetv2_smms.dataset_conversion.brats",
     "nnunetv2_smms.dataset_conversion.ct_mr",
     "nnunetv2_smms.dataset_conversion.common",
+    "nnunetv2_smms.planning",
 )
 
 

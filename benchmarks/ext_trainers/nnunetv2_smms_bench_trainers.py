@@ -1,0 +1,26 @@
+"""Benchmark-only plain nnU-Net trainer with a short schedule (found by nnUNetv2_train / nnUNetv2_predict when
+this folder is in nnUNet_extTrainer; benchmarks/_common.py puts it there).
+
+nnUNetTrainerBenchShort is nnU-Net's nnUNetTrainer with ONLY num_epochs / num_iterations_per_epoch /
+num_val_iterations_per_epoch changed, read from the same variables as the SMMS trainer
+(nnUNet_smms_epochs, nnUNet_smms_iterations_per_epoch, nnUNet_smms_val_iterations), so both get the same schedule.
+Everything else (network, loss, augmentation, optimizer, LR schedule over the shortened run) is plain nnU-Net.
+"""
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+def _env_int(name, default):
+    v = os.environ.get(name)
+    return int(v) if v else default
+
+
+class nnUNetTrainerBenchShort(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = _env_int("nnUNet_smms_epochs", self.num_epochs)
+        self.num_iterations_per_epoch = _env_int("nnUNet_smms_iterations_per_epoch", self.num_iterations_per_epoch)
+        self.num_val_iterations_per_epoch = _env_int("nnUNet_smms_val_iterations", self.num_val_iterations_per_epoch)
