@@ -81,7 +81,7 @@ def evaluated(brats_folders):
 
 
 def read_csv(path):
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -109,7 +109,7 @@ def test_empty_prediction_is_nan_warned_and_counted(evaluated):
     assert first["empty"] == "prediction" and float(first["dice"]) == 0.0 and math.isnan(float(first["asd"]))
     messages = [str(w.message) for w in caught if issubclass(w.category, EmptySegmentationWarning)]
     assert len(messages) == 1 and cases[0] in messages[0]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     miss = summary["results"]["Miss"]["fused"]["1"]
     assert miss["asd"]["n"] == N_CASES - 1 and miss["asd"]["n_nan"] == 1
     assert miss["asd"]["mean"] == 0.0 and miss["dice"]["mean"] == pytest.approx((N_CASES - 1) / N_CASES)
@@ -120,7 +120,7 @@ def test_empty_prediction_is_nan_warned_and_counted(evaluated):
 def test_summary_json_matches_the_csv(evaluated):
     out, _, _, cases, _ = evaluated
     rows = read_csv(out / "metrics_per_case.csv")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["cases"] == cases and summary["regions"] == {"1": "1 (tumor)"}
     assert set(summary["definitions"]) >= {"dice", "asd", "assd", "hd95", "empty"}
     for method, output in (("Shift", "T1ce"), ("Blob", "T2")):
@@ -133,7 +133,7 @@ def test_summary_json_matches_the_csv(evaluated):
 
 def test_paper_style_table(evaluated):
     out, stdout, _, _, _ = evaluated
-    table = (out / "table.md").read_text()
+    table = (out / "table.md").read_text(encoding="utf-8")
     assert table in stdout
     lines = table.splitlines()
     header = [c.strip() for c in lines[2].strip("|").split("|")]
@@ -188,9 +188,9 @@ def test_spacing_comes_from_the_header_in_array_axis_order(small, capsys):
     assert float(rows[0]["hd95"]) == pytest.approx(3.0)  # one voxel along z is 3 mm
     assert float(rows[0]["volume_ref_ml"]) == pytest.approx(6 ** 3 * 3 / 1000)
     assert "figures/cases.png" not in capsys.readouterr().out  # no images given: box plot only
-    first = (root / "out" / "metrics_per_case.csv").read_text()
+    first = (root / "out" / "metrics_per_case.csv").read_text(encoding="utf-8")
     assert run_small(root, "-np", 2) == 0  # a process pool gives the same rows
-    assert (root / "out" / "metrics_per_case.csv").read_text() == first
+    assert (root / "out" / "metrics_per_case.csv").read_text(encoding="utf-8") == first
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -199,10 +199,10 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "table.md"
     write_text("old\n", target)
     with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp, open(tmp, "w") as f:
+        with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write("half")
             raise RuntimeError("interrupted")
-    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["table.md"]
+    assert target.read_text(encoding="utf-8") == "old\n" and [p.name for p in tmp_path.iterdir()] == ["table.md"]
 
 
 def test_labels_and_regions_from_the_command_line(small):
@@ -213,7 +213,7 @@ def test_labels_and_regions_from_the_command_line(small):
     assert [r["region"] for r in rows] == ["1", "(0, 1)", "2"] * 2
     absent = [r for r in rows if r["region"] == "2"]  # in neither file: both empty, a perfect match, said so
     assert all(r["empty"] == "both" and float(r["dice"]) == 1.0 and float(r["asd"]) == 0.0 for r in absent)
-    assert "M / fused: 2 of 2 cases have both masks empty" in (root / "out" / "table.md").read_text()
+    assert "M / fused: 2 of 2 cases have both masks empty" in (root / "out" / "table.md").read_text(encoding="utf-8")
 
 
 def test_missing_dataset_json_and_labels_is_an_error(small, capsys):

@@ -22,8 +22,8 @@ def run_cli(argv):
 def expected_branch_names(model_folder):
     """What the columns must be called: dataset.json channel names of plans' smms channels_a / channels_b."""
     configuration = model_folder.name.split("__")[2]
-    plans = json.loads((model_folder / "plans.json").read_text())
-    channel_names = json.loads((model_folder / "dataset.json").read_text())["channel_names"]
+    plans = json.loads((model_folder / "plans.json").read_text(encoding="utf-8"))
+    channel_names = json.loads((model_folder / "dataset.json").read_text(encoding="utf-8"))["channel_names"]
     smms = plans["configurations"][configuration]["smms"]
     return ["+".join(channel_names[str(c)] for c in smms[f"channels_{b}"]) for b in ("a", "b")]
 
@@ -41,7 +41,7 @@ def plain_model_folder(smms_folder, results_root):
     for name in ("plans.json", "dataset.json"):
         shutil.copy(smms_folder / name, folder / name)
     plans_manager = PlansManager(str(folder / "plans.json"))
-    dataset_json = json.loads((folder / "dataset.json").read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     cm = plans_manager.get_configuration(configuration)
     network = nnUNetTrainer.build_network_architecture(
         plans_manager, cm, determine_num_input_channels(plans_manager, cm, dataset_json),
@@ -72,10 +72,10 @@ def test_one_column_per_branch_and_one_for_the_plain_model(evaluated_models):
     assert evaluated_models["code"] == 0
     out = evaluated_models["out"]
     name_a, name_b = expected_branch_names(evaluated_models["smms"])
-    results = json.loads((out / "summary.json").read_text())["results"]
+    results = json.loads((out / "summary.json").read_text(encoding="utf-8"))["results"]
     assert list(results["SMMS"]) == [name_a, name_b, "fused"]
     assert list(results["nnUNetTrainer"]) == ["fused"]
-    table = (out / "table.md").read_text()
+    table = (out / "table.md").read_text(encoding="utf-8")
     assert f"DSC (%) {name_a}" in table and f"ASD (mm) {name_b}" in table
     plain_row = [line for line in table.splitlines() if line.startswith("| nnUNetTrainer")][0]
     assert [c.strip() for c in plain_row.strip("|").split("|")][1:3] == ["-", "-"]
