@@ -20,7 +20,6 @@ Scales:
 """
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time

@@ -25,7 +25,7 @@ import json
 import os
 import sys
 from copy import deepcopy
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 

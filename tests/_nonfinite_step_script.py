@@ -6,7 +6,6 @@ import json
 import os
 import sys
 
-import numpy as np
 import torch
 from nnunetv2.run.run_training import get_trainer_from_args
 
