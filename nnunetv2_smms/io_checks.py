@@ -39,7 +39,7 @@ def truncation_problem(path) -> Optional[str]:
     return None
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
     """An exception's message on one line, without SimpleITK's source-location lines."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     if lines and lines[0].startswith("Exception thrown in SimpleITK"):
@@ -78,7 +78,7 @@ def image_file_problem(path) -> Optional[str]:
     try:
         reader = _header(path)
     except RuntimeError as e:
-        return f"is not a readable image ({_one_line(e)})"
+        return f"is not a readable image ({one_line(e)})"
     dim, components = reader.GetDimension(), reader.GetNumberOfComponents()
     if dim not in (2, 3):
         return (f"is a {dim}D image (size {reader.GetSize()}); each file must hold ONE channel of one case as a 2D "
@@ -89,7 +89,7 @@ def image_file_problem(path) -> Optional[str]:
         try:
             array = sitk.GetArrayFromImage(sitk.ReadImage(path))
         except RuntimeError as e:
-            return f"is not a readable image ({_one_line(e)})"
+            return f"is not a readable image ({one_line(e)})"
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
         return (f"contains non-finite voxels ({n_nan} NaN, {n_inf} inf of {array.size}); replace them with a value "

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from nnunetv2_smms.io_checks import one_line
 from nnunetv2_smms.staging import staged_folder
 
 FILE_ENDING = ".nii.gz"
@@ -205,12 +206,8 @@ def _fix_hint(case: str) -> str:
 
 
 def reason(e: Exception) -> str:
-    """An exception's message on one line, without SimpleITK's source-location line."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if lines and lines[0].startswith("Exception thrown in SimpleITK"):
-        lines = lines[1:]
-    text = " ".join(lines).replace("sitk::ERROR: ", "").replace("ITK ERROR: ", "") or type(e).__name__
-    return text if len(text) <= 300 else text[:300] + "..."
+    """An exception's message on one line (shared with the unlabeled-image checks)."""
+    return one_line(e)
 
 
 def read_grid(path: Path, case: str) -> Grid:
