@@ -27,16 +27,29 @@ def _nifti_errors():
     return OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError
 
 
-def truncation_problem(path) -> Optional[str]:
-    """None if `path` is complete (or not NIfTI, whose other readers fail by themselves), else the reason."""
+def nonfinite_problem(array) -> Optional[str]:
+    """None if `array` has no NaN / inf voxels, else a phrase saying how many and how to fix it."""
+    import numpy as np
+
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.floating) or np.isfinite(array).all():
+        return None
+    n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+    return (f"contains non-finite voxels ({n_nan} NaN, {n_inf} inf of {array.size}); replace them with a value "
+            f"that makes sense for the image (e.g. its background)")
+
+
+def nifti_content_problem(path) -> Optional[str]:
+    """None if a NIfTI file is complete and has finite voxels (read with nibabel: SimpleITK reads truncated files
+    as zeros and NaN / inf as 0), else the reason; other formats: None."""
     path = str(path)
     if not path.endswith((".nii", ".nii.gz")):
         return None
     try:
-        _nifti_array(path)
+        array = _nifti_array(path)
     except _nifti_errors() as e:
-        return f"{type(e).__name__}: {e}"
-    return None
+        return f"is truncated or corrupt ({type(e).__name__}: {' '.join(str(e).split())})"
+    return nonfinite_problem(array)
 
 
 def one_line(e: Exception) -> str:
@@ -63,7 +76,6 @@ def image_file_problem(path) -> Optional[str]:
 
     NIfTI voxels are read with nibabel: SimpleITK (2.5, ITK 5.4) reads NaN and inf in NIfTI files as 0, silently,
     so nnU-Net would train on them as 0; in .nrrd / .mha they reach the network as NaN / inf."""
-    import numpy as np
     import SimpleITK as sitk
 
     path = str(path)
@@ -90,11 +102,7 @@ def image_file_problem(path) -> Optional[str]:
             array = sitk.GetArrayFromImage(sitk.ReadImage(path))
         except RuntimeError as e:
             return f"is not a readable image ({one_line(e)})"
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
-        return (f"contains non-finite voxels ({n_nan} NaN, {n_inf} inf of {array.size}); replace them with a value "
-                f"that makes sense for the image (e.g. its background)")
-    return None
+    return nonfinite_problem(array)
 
 
 def channel_grid_problem(files: Sequence) -> Optional[str]:

@@ -45,6 +45,18 @@ def main(dataset: str) -> dict:
 
     out_inf = trainer.train_step(inf_batch)
     result["inf_step"] = {k: float(v) for k, v in out_inf.items()}
+
+    # NaN only in the unlabeled batch: the labeled pass has already put gradients in place; they are dropped
+    real_unlabeled = trainer.dataloader_unlabeled
+    unl = next(real_unlabeled)
+    unl_nan = dict(unl, data=unl["data"].clone())
+    unl_nan["data"][0, 0, :2] = float("nan")
+    trainer.dataloader_unlabeled = iter([unl_nan])
+    w2 = params(trainer)
+    out_unl = trainer.train_step(good)
+    result["unlabeled_nan_step"] = {k: float(v) for k, v in out_unl.items()}
+    result["unlabeled_nan_weights_unchanged"] = same(w2, params(trainer))
+    trainer.dataloader_unlabeled = real_unlabeled
     trainer.on_train_epoch_end([out_nan, out_good, out_inf])
     result["logged_skipped_steps"] = trainer.logger.get_value("skipped_steps", -1)
     result["logged_train_loss"] = float(trainer.logger.get_value("train_losses", -1))

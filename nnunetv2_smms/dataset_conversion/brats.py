@@ -13,6 +13,7 @@ from nnunetv2_smms.dataset_conversion.common import (
     FILE_ENDING, LAYOUT, Amount, ConversionError, add_output_arguments, add_split_arguments, check_complete,
     check_label_values, check_same_grid, collect, exclude_cases, prepare_target, read_grid, read_image,
     resolve_split, run_cli, smms_branches, split_kwargs, subfolders, write_dataset)
+from nnunetv2_smms.errors import cli_command
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 CHANNEL_NAMES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
@@ -186,4 +187,4 @@ def register(subparsers) -> None:
                    help="channels of the two SMMS branches, e.g. 't1,t1ce|t2,flair' (default: first half of "
                         "--modalities | second half)")
     add_split_arguments(p)
-    p.set_defaults(func=_run)
+    p.set_defaults(func=cli_command(_run))

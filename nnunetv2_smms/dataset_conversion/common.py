@@ -14,13 +14,13 @@ A converted dataset (nnU-Net v2 raw format plus three files of ours):
 import json
 import re
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from nnunetv2_smms.io_checks import one_line
 from nnunetv2_smms.staging import staged_folder
+from nnunetv2_smms.errors import SMMSUserError, cli_command
 
 FILE_ENDING = ".nii.gz"
 SPLITS_NAME = "splits_final.json"
@@ -42,7 +42,7 @@ DEFAULT_LABELED, DEFAULT_VAL, DEFAULT_TEST, DEFAULT_SEED = "10%", "7.5%", "18%",
 Amount = Union[int, float, str]
 
 
-class ConversionError(ValueError):
+class ConversionError(SMMSUserError, ValueError):
     """Bad input or options. The message names the case and the file and says how to fix it."""
 
 
@@ -228,25 +228,35 @@ def read_grid(path: Path, case: str) -> Grid:
 
 
 def check_complete(path: Path, case: str) -> None:
-    """Fail on a truncated or corrupt NIfTI, which SimpleITK would read silently as zeros (see io_checks)."""
-    from nnunetv2_smms.io_checks import truncation_problem
+    """Fail on a truncated or corrupt NIfTI, or one with NaN / inf voxels: SimpleITK would read the missing
+    voxels as zeros and NaN / inf as 0, silently (see io_checks)."""
+    from nnunetv2_smms.io_checks import nifti_content_problem
 
-    problem = truncation_problem(path)
-    if problem is not None:
-        problem = " ".join(problem.split())
-        raise ConversionError(f"case {case}: cannot read {path} (truncated or corrupt?): {problem}. {_fix_hint(case)}")
+    problem = nifti_content_problem(path)
+    if problem is None:
+        return
+    if problem.startswith("is truncated or corrupt"):
+        raise ConversionError(f"case {case}: cannot read {path} ({problem}). {_fix_hint(case)}")
+    raise ConversionError(f"case {case}: {path} {problem}, or leave the case out with --exclude {case}.")
 
 
 def read_image(path: Path, case: str):
-    """The whole image, after check_complete."""
+    """The whole image, after check_complete; other formats than NIfTI are checked for NaN / inf after reading."""
     import SimpleITK as sitk
+
+    from nnunetv2_smms.io_checks import nonfinite_problem
 
     check_complete(path, case)
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as e:
         raise ConversionError(f"case {case}: cannot read {path} (truncated or corrupt?): {reason(e)}. "
                               f"{_fix_hint(case)}") from None
+    if not str(path).endswith((".nii", ".nii.gz")) and image.GetNumberOfComponentsPerPixel() == 1:
+        problem = nonfinite_problem(sitk.GetArrayViewFromImage(image))
+        if problem is not None:
+            raise ConversionError(f"case {case}: {path} {problem}, or leave the case out with --exclude {case}.")
+    return image
 
 
 def check_same_grid(case: str, reference: Path, reference_grid: Grid, path: Path, grid: Grid) -> None:
@@ -455,12 +465,8 @@ def split_kwargs(args) -> dict:
 
 
 def run_cli(action: Callable[[], object]) -> int:
-    """Run a subcommand: a ConversionError becomes 'error: ...' on stderr and exit code 2, no traceback."""
-    try:
-        result = action()
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Run a converter subcommand and print what it returns (errors: errors.cli_command around the caller)."""
+    result = action()
     if result is not None:
         print(result)
     return 0
@@ -493,4 +499,4 @@ def register(subparsers) -> None:
                     f"folder already holds another split.")
     p.add_argument("-d", "--dataset", required=True, help="dataset id or DatasetXXX_Name")
     p.add_argument("--overwrite", action="store_true", help="replace a different splits_final.json")
-    p.set_defaults(func=_install_split_command)
+    p.set_defaults(func=cli_command(_install_split_command))

@@ -15,6 +15,7 @@ from nnunetv2_smms.dataset_conversion.common import (
     FILE_ENDING, LAYOUT, Amount, CaseRejected, ConversionError, Grid, add_output_arguments, add_split_arguments,
     check_label_values, check_same_grid, collect, exclude_cases, grid_of, prepare_target, read_grid, read_image,
     reason, resolve_split, run_cli, smms_branches, split_kwargs, subfolders, write_dataset)
+from nnunetv2_smms.errors import cli_command
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
 CHANNELS = ("ct", "mr")
@@ -322,4 +323,4 @@ def register(subparsers) -> None:
                    help=f"reject a registration that moves the CT centre more than this beyond the centre "
                         f"alignment it starts from, in mm (default {defaults.max_translation_mm:g})")
     add_split_arguments(p)
-    p.set_defaults(func=_run)
+    p.set_defaults(func=cli_command(_run))

@@ -8,19 +8,19 @@ nnU-Net's predictor, switching the branch on the network), a plain nnU-Net model
 reference folder.
 """
 import os
-import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from nnunetv2_smms.evaluation.metrics import LabelOrRegion
+from nnunetv2_smms.errors import SMMSUserError, cli_command
 
 FUSED = "fused"
 TABLE_DISTANCES = ("asd", "assd", "hd95")
 
 
-class EvaluationError(Exception):
+class EvaluationError(SMMSUserError):
     """Bad input (missing files or cases, geometry mismatch, unknown labels): the CLI prints it and exits 2."""
 
 
@@ -405,11 +405,7 @@ def run_evaluation(args) -> dict:
 
 
 def _run(args) -> int:
-    try:
-        run_evaluation(args)
-    except EvaluationError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run_evaluation(args)
     return 0
 
 
@@ -448,4 +444,4 @@ def register(subparsers) -> None:
                    help="cases in figures/cases.png, spread from worst to best Dice (0: none)")
     p.add_argument("-np", "--num-processes", type=int, default=None,
                    help="processes for prediction and metrics (default: nnU-Net's nnUNet_def_n_proc)")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=cli_command(_run))

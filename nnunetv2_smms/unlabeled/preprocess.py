@@ -23,12 +23,13 @@ from typing import Dict, List, Optional
 from tqdm import tqdm
 
 from nnunetv2_smms.staging import staged_folder
+from nnunetv2_smms.errors import SMMSUserError, cli_command
 
 STAMP_FILE = "smms_stamp.json"
 RAW_FOLDER = "imagesUnlabeled"
 
 
-class UnlabeledDataError(RuntimeError):
+class UnlabeledDataError(SMMSUserError, RuntimeError):
     pass
 
 
@@ -242,13 +243,8 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str = "3d_fullres",
 
 
 def _run(args) -> int:
-    import sys
-    try:
-        for c in args.c:
-            preprocess_unlabeled(args.d, c, args.p, args.np, args.force)
-    except UnlabeledDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for c in args.c:
+        preprocess_unlabeled(args.d, c, args.p, args.np, args.force)
     return 0
 
 
@@ -265,4 +261,4 @@ def register(subparsers) -> None:
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     p.add_argument("-np", type=int, default=1, help="number of processes (default: 1)")
     p.add_argument("--force", action="store_true", help="redo even if the folder is up to date")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=cli_command(_run))
