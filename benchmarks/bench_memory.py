@@ -10,6 +10,10 @@ supervision, on the *meta* device (no memory is allocated, so the real BraTS 1 m
 laptop), plus the parameters x 3 (weights, gradients, SGD momentum). float32; under CUDA AMP most activations
 are float16 (about half). Next to it: nnU-Net's own planner estimate converted to GB (what plan-gpu uses).
 With a GPU (`--gpu`), the real peak of torch.cuda.max_memory_allocated over forward + backward is added.
+Without one, `--rss` adds the real CPU peak: each row runs two training steps (forward + backward, fp32) in a fresh
+process and reports the growth of its peak resident set size (ru_maxrss) over the RSS after building the network;
+rows whose estimate exceeds --rss-max-gb (default 4: a CPU step at the 1 mm patch takes minutes) or 60% of the
+machine's available memory are skipped and say so.
 
 Default plans: the real BraTS 2018 cases planned by nnU-Net at their native 1 mm (fingerprint + planning only,
 no preprocessing: the plans nnU-Net gives this data) and at 4 mm (what the CPU benchmarks run).
@@ -64,7 +68,9 @@ def saved_bytes(net, x) -> int:
 
 
 def measure(cfg_entry: dict, plans: dict, configuration: str, dataset_json: dict, batch: int, unlabeled: int,
-            smms: bool, device: str = "meta") -> dict:
+            smms: bool, device: str = "meta", separate: bool = True) -> dict:
+    """separate: SMMS's default separate_unlabeled_pass (the labeled and the unlabeled part one after the other:
+    the peak is the larger part's pass); False: one joint pass over labeled + unlabeled samples."""
     import torch
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2_smms.architectures.build import build_dual_branch_network
@@ -72,7 +78,7 @@ def measure(cfg_entry: dict, plans: dict, configuration: str, dataset_json: dict
     arch = cfg_entry["architecture"]
     patch = [int(p) for p in cfg_entry["patch_size"]]
     n_in, n_out = len(dataset_json["channel_names"]), len(dataset_json["labels"])
-    n = batch + (unlabeled if smms else 0)
+    n = (max(batch, unlabeled) if separate else batch + unlabeled) if smms else batch
     with torch.device(device):
         if smms:
             net = build_dual_branch_network(arch["network_class_name"], arch["arch_kwargs"],
@@ -101,7 +107,62 @@ def measure(cfg_entry: dict, plans: dict, configuration: str, dataset_json: dict
             "total_gb_fp32": round((act + 3 * params) / 2 ** 30, 3)}
 
 
-def bench_plans(plans_file: Path, configuration: str, unlabeled_sizes, gpu: bool) -> dict:
+def _rss_child(cfg_entry, n_in, n_out, batch, unlabeled, smms, queue):
+    """In a fresh process: build the network, then two forward + backward passes (SMMS: of the larger of the
+    labeled and the unlabeled part, as the default separate passes); peak RSS growth in bytes."""
+    import resource
+
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2_smms.architectures.build import build_dual_branch_network
+    from nnunetv2_smms.architectures.config import SMMSNetworkConfig
+    arch = cfg_entry["architecture"]
+    if smms:
+        net = build_dual_branch_network(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                        n_in, n_out, SMMSNetworkConfig(channels_a=[0], channels_b=[1]), True)
+    else:
+        net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                     n_in, n_out, allow_init=True, deep_supervision=True)
+    net.train()
+    x = torch.randn((max(batch, unlabeled) if smms else batch, n_in, *[int(p) for p in cfg_entry["patch_size"]]))
+    before = _current_rss()
+    for _ in range(2):
+        out = net(x)
+        loss = sum(o.float().mean() for o in (out if isinstance(out, (list, tuple)) else [out])
+                   for o in (o if isinstance(o, (list, tuple)) else [o]))
+        loss.backward()
+        net.zero_grad(set_to_none=False)
+        del out, loss
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+
+
+def _current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info.get("MemAvailable", 0)
+
+
+def rss_peak(cfg_entry, n_in, n_out, batch, unlabeled, smms, estimate_gb: float, max_gb: float) -> dict:
+    import multiprocessing as mp
+    limit = min(max_gb, 0.6 * _available_bytes() / 2 ** 30)
+    if estimate_gb > limit:
+        return {"cpu_peak_rss_growth_gb": None,
+                "cpu_peak_rss_note": f"skipped (estimate {estimate_gb:.1f} GB > {limit:.1f} GB)"}
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_rss_child, args=(cfg_entry, n_in, n_out, batch, unlabeled, smms, queue))
+    p.start()
+    grown = queue.get()
+    p.join()
+    return {"cpu_peak_rss_growth_gb": round(grown / 2 ** 30, 3)}
+
+
+def bench_plans(plans_file: Path, configuration: str, unlabeled_sizes, gpu: bool, rss_max_gb=None) -> dict:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2_smms.planning import fit_configuration, planner_reference, plain_estimate, smms_estimate, \
         estimate_gb
@@ -121,15 +182,26 @@ def bench_plans(plans_file: Path, configuration: str, unlabeled_sizes, gpu: bool
         r.update(measure(e, plans, configuration, ds_json, b, unl, smms))
         if smms:
             est = smms_estimate(e["patch_size"], 1, 1, n_out, e["architecture"], b, unl) / ref["bs_3d"]
+            joint = measure(e, plans, configuration, ds_json, b, unl, smms, separate=False)
+            r["joint_pass_activations_gb_fp32"] = joint["activations_gb_fp32"]
+            r["joint_pass_nnunet_estimate_gb"] = round(estimate_gb(smms_estimate(
+                e["patch_size"], 1, 1, n_out, e["architecture"], b, unl, separate_passes=False), ref,
+                len(e["patch_size"])), 2)
         else:
             est = plain_estimate(e["patch_size"], 2, n_out, e["architecture"]) * b / ref["bs_3d"]
         r["nnunet_estimate_gb"] = round(estimate_gb(est * ref["bs_3d"], ref, len(e["patch_size"])), 2)
         if gpu:
             r.update(measure(e, plans, configuration, ds_json, b, unl, smms, device="cuda"))
+        rss_text = ""
+        if rss_max_gb is not None:
+            r.update(rss_peak(e, len(ds_json["channel_names"]), n_out, b, unl, smms, r["total_gb_fp32"], rss_max_gb))
+            g = r["cpu_peak_rss_growth_gb"]
+            rss_text = f", CPU peak RSS +{g:.2f} GB" if g is not None else f", CPU RSS {r['cpu_peak_rss_note']}"
         print(f"  {label:38s} patch {r['patch_size']} {b}+{r['unlabeled_batch']}: activations "
               f"{r['activations_gb_fp32']:.2f} GB fp32, params x3 {r['params_x3_gb']:.2f} GB, nnU-Net estimate "
-              f"{r['nnunet_estimate_gb']:.2f} GB" + (f", GPU peak {r['peak_gpu_gb_fwd_bwd_amp']} GB" if gpu else ""),
-              flush=True)
+              f"{r['nnunet_estimate_gb']:.2f} GB" + (f", GPU peak {r['peak_gpu_gb_fwd_bwd_amp']} GB" if gpu else "")
+              + rss_text + (f" (one joint pass: activations {r['joint_pass_activations_gb_fp32']:.2f} GB, estimate "
+                            f"{r['joint_pass_nnunet_estimate_gb']:.2f} GB)" if smms else ""), flush=True)
         out["rows"].append(r)
         return r
 
@@ -141,6 +213,8 @@ def bench_plans(plans_file: Path, configuration: str, unlabeled_sizes, gpu: bool
     if smms_default:
         out["smms_over_plain_activations"] = round(smms_default[0]["activations_gb_fp32"] /
                                                    plain["activations_gb_fp32"], 2)
+        out["smms_joint_pass_over_plain_activations"] = round(smms_default[0]["joint_pass_activations_gb_fp32"] /
+                                                              plain["activations_gb_fp32"], 2)
         out["smms_over_plain_nnunet_estimate"] = round(smms_default[0]["nnunet_estimate_gb"] /
                                                        plain["nnunet_estimate_gb"], 2)
     out["plan_gpu"] = []
@@ -162,6 +236,8 @@ def main(argv=None) -> int:
     parser.add_argument("--root", default=None, help="work folder for the default plans (kept)")
     parser.add_argument("--unlabeled", type=int, nargs="+", default=[0, 1, 2, 4])
     parser.add_argument("--gpu", action="store_true", help="also measure the real peak on CUDA")
+    parser.add_argument("--rss", action="store_true", help="also measure the real CPU peak RSS (fresh process per row)")
+    parser.add_argument("--rss-max-gb", type=float, default=4.0, help="skip RSS rows estimated above this")
     parser.add_argument("--out", default=str(RESULTS / "memory.json"))
     args = parser.parse_args(argv)
     plans_files = [Path(p) for p in args.plans] if args.plans else None
@@ -174,7 +250,7 @@ def main(argv=None) -> int:
               "method": "activations = bytes autograd saves for backward (meta device, fp32, train mode, deep "
                         "supervision); params x3 = weights + grads + SGD momentum; nnU-Net estimate = "
                         "static_estimate_VRAM_usage converted with the planner's 8 GB reference",
-              "plans": [bench_plans(p, args.configuration, args.unlabeled, args.gpu) for p in plans_files]}
+              "plans": [bench_plans(p, args.configuration, args.unlabeled, args.gpu, args.rss_max_gb if args.rss else None) for p in plans_files]}
     write_result(Path(args.out), result)
     return 0
 

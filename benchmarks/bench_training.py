@@ -10,6 +10,10 @@ data loaders and augmentation workers, and for SMMS the unlabeled loader), then 
 - `preloaded`: train_step(the same pre-loaded batch)   (SMMS: the unlabeled loader replaced by one pre-loaded batch)
 Seconds per step (median over repetitions of the median of `--steps` steps) and per sample x branch:
 plain nnU-Net has batch B and 1 branch; SMMS has B labeled + B_u unlabeled samples and 2 branches.
+A trainer name with a suffix `@N` (default: `nnUNetTrainer@4`) runs with batch size N instead of the planned one: plain
+nnU-Net with as many samples per step as SMMS (2 + 2) separates the cost of SMMS from the cost of a bigger batch
+(on a CPU, convolution time grows faster than the batch). A suffix `:joint` runs an SMMS trainer with one forward +
+backward pass over labeled + unlabeled cases joined instead of the default two passes (separate_unlabeled_pass).
 On CUDA the timings are synchronized and the peak GPU memory of each trainer's steps is recorded.
 """
 import argparse
@@ -24,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine_info, nnunet_env, prepare_brats, stats, write_result  # noqa: E402
 
 TRAINERS = ("nnUNetTrainer", "nnUNetTrainerSMMS_Baseline", "nnUNetTrainerSMMS_MMF", "nnUNetTrainerSMMS_MMF_MAE",
-            "nnUNetTrainerSMMS")
+            "nnUNetTrainerSMMS", "nnUNetTrainerSMMS:joint", "nnUNetTrainerSMMS_LightMMF", "nnUNetTrainer@4")
 
 
 class Repeat:
@@ -81,7 +85,14 @@ def main(argv=None) -> int:
     names = args.trainers.split(",")
     trainers, preloaded = {}, {}
     for name in names:
-        tr = get_trainer_from_args(str(info["dataset_id"]), args.configuration, 0, name, "nnUNetPlans", device=device)
+        trainer_class, _, joint = name.partition(":")
+        trainer_class, _, batch_size = trainer_class.partition("@")
+        tr = get_trainer_from_args(str(info["dataset_id"]), args.configuration, 0, trainer_class, "nnUNetPlans",
+                                   device=device)
+        if batch_size:  # this trainer's own ConfigurationManager (each trainer loads the plans file itself)
+            tr.configuration_manager.configuration["batch_size"] = int(batch_size)
+        if joint:
+            tr.separate_unlabeled_pass = False
         tr.on_train_start()
         tr.network.train()
         batch = next(tr.dataloader_train)

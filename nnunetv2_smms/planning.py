@@ -23,11 +23,12 @@ nnU-Net), not a measurement; see docs/gpu_memory.md.
 """
 import json
 import os
-import sys
 from copy import deepcopy
 from typing import Optional
 
 import numpy as np
+
+from nnunetv2_smms.errors import SMMSUserError, cli_command
 
 # nnU-Net's default ExperimentPlanner constants (nnunetv2 2.8.1, default_experiment_planner.py); the planner
 # named in the plans file is asked for its own values first (ResEnc presets use other ones)
@@ -37,7 +38,7 @@ MMF_STAGES_DEFAULT = 4
 MMF_UNITS, MAE_UNITS = 6, 4  # feature maps of C channels per MMF stage / MAE module (see fusion_estimate)
 
 
-class PlanGPUError(RuntimeError):
+class PlanGPUError(SMMSUserError, RuntimeError):
     pass
 
 
@@ -108,12 +109,13 @@ def fusion_estimate(patch_size, arch: dict, mmf_stages: int = MMF_STAGES_DEFAULT
 
 
 def smms_estimate(patch_size, n_in_a: int, n_in_b: int, n_out: int, arch: dict, labeled_bs: int,
-                  unlabeled_bs: int) -> float:
-    """Feature-map voxels of one SMMS training step: two branches and the fusion modules, on labeled + unlabeled
-    samples."""
+                  unlabeled_bs: int, separate_passes: bool = True) -> float:
+    """Feature-map voxels of one SMMS training step: two branches and the fusion modules, on the labeled and the
+    unlabeled samples; with separate passes (the trainer's default, separate_unlabeled_pass) only the larger of
+    the two parts is held at once, with one joint pass both are."""
     per_sample = plain_estimate(patch_size, n_in_a, n_out, arch) + plain_estimate(patch_size, n_in_b, n_out, arch) \
         + fusion_estimate(patch_size, arch)
-    return per_sample * (labeled_bs + unlabeled_bs)
+    return per_sample * (max(labeled_bs, unlabeled_bs) if separate_passes else labeled_bs + unlabeled_bs)
 
 
 def estimate_gb(voxels_per_batch: float, ref: dict, dim: int) -> float:
@@ -147,7 +149,8 @@ def _rebuild_arch(arch: dict, n_stages: int, kernel_sizes, strides) -> dict:
 
 
 def fit_configuration(plans: dict, configuration: str, dataset_json: dict, gpu_memory_gb: float,
-                      unlabeled_batch_size: Optional[int] = None, channel_split=None) -> dict:
+                      unlabeled_batch_size: Optional[int] = None, channel_split=None,
+                      separate_passes: bool = True) -> dict:
     """The new configuration entry (not yet written)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2_smms.architectures.config import resolve_channel_split
@@ -171,7 +174,8 @@ def fit_configuration(plans: dict, configuration: str, dataset_json: dict, gpu_m
     ref_bs = ref["bs_3d"] if dim == 3 else ref["bs_2d"]
 
     def cost(p, a):
-        return smms_estimate(p, len(channels_a), len(channels_b), n_out, a, labeled_bs, unlabeled_bs) / ref_bs
+        return smms_estimate(p, len(channels_a), len(channels_b), n_out, a, labeled_bs, unlabeled_bs,
+                             separate_passes) / ref_bs
 
     start_cost = cost(patch, arch)
     plain_cost = plain_estimate(patch, len(channels_a) + len(channels_b), n_out, arch) * labeled_bs / ref_bs
@@ -185,8 +189,8 @@ def fit_configuration(plans: dict, configuration: str, dataset_json: dict, gpu_m
         if tmp[axis] < 2 * ref["min_edge"]:
             raise PlanGPUError(
                 f"cannot fit SMMS into {gpu_memory_gb:g} GB: the patch is already {patch} (estimate "
-                f"{estimate_gb(current * ref_bs, ref, dim):.1f} GB). Lower the unlabeled batch size "
-                f"(--unlabeled-batch-size 1) or use a larger GPU")
+                f"{estimate_gb(current * ref_bs, ref, dim):.1f} GB). Use a larger GPU"
+                + ("" if separate_passes else ", or plan for the default separate passes (without --joint-pass)"))
         *_, must_div_tmp = _topology(spacing, tmp, ref["min_edge"])
         patch[axis] -= must_div_tmp[axis]
         _, strides, kernels, patch, must_div = _topology(spacing, patch, ref["min_edge"])
@@ -204,13 +208,15 @@ def fit_configuration(plans: dict, configuration: str, dataset_json: dict, gpu_m
         "smms_gpu_plan": {
             "gpu_memory_target_gb": gpu_memory_gb,
             "labeled_batch_size": labeled_bs, "unlabeled_batch_size": unlabeled_bs,
+            "unlabeled_pass": "separate" if separate_passes else "joint",
             "parent_patch_size": [int(p) for p in cm.patch_size],
             "estimate_gb_parent_plain_nnunet": round(estimate_gb(plain_cost * ref_bs, ref, dim), 2),
             "estimate_gb_parent_smms": round(estimate_gb(start_cost * ref_bs, ref, dim), 2),
             "estimate_gb_smms": round(estimate_gb(current * ref_bs, ref, dim), 2),
             "reduction_steps": steps,
             "how": "nnU-Net's planner estimate (static_estimate_VRAM_usage, feature-map voxels calibrated per GB) "
-                   "for 2 branches + MMF/MAE on labeled + unlabeled samples; patch shrunk like "
+                   "for 2 branches + MMF/MAE on the labeled, then the unlabeled samples (separate passes) or on "
+                   "both at once (joint); patch shrunk like "
                    "ExperimentPlanner.get_plans_for_configuration",
         },
     }
@@ -226,12 +232,12 @@ def write_plans_atomically(plans_file: str, plans: dict) -> None:
 
 def plan_gpu(dataset_name_or_id, configuration: str = "3d_fullres", gpu_memory_gb: float = 12,
              plans_identifier: str = "nnUNetPlans", unlabeled_batch_size: Optional[int] = None,
-             name: Optional[str] = None, dry_run: bool = False) -> dict:
+             name: Optional[str] = None, dry_run: bool = False, separate_passes: bool = True) -> dict:
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    if nnUNet_preprocessed is None:
-        raise PlanGPUError("nnUNet_preprocessed is not set")
+    if not nnUNet_preprocessed.is_set():
+        raise PlanGPUError("nnUNet_preprocessed is not set: export it as for nnUNetv2_plan_and_preprocess")
     if gpu_memory_gb <= 0:
         raise PlanGPUError(f"--gpu-memory must be > 0, got {gpu_memory_gb}")
     dataset_name = maybe_convert_to_dataset_name(dataset_name_or_id)
@@ -247,7 +253,8 @@ def plan_gpu(dataset_name_or_id, configuration: str = "3d_fullres", gpu_memory_g
         raise PlanGPUError(f"{configuration!r} was itself made by plan-gpu; plan from its parent "
                            f"{plans['configurations'][configuration].get('inherits_from')!r}")
     dataset_json = load_json(os.path.join(pre, "dataset.json"))
-    entry = fit_configuration(plans, configuration, dataset_json, gpu_memory_gb, unlabeled_batch_size)
+    entry = fit_configuration(plans, configuration, dataset_json, gpu_memory_gb, unlabeled_batch_size,
+                              separate_passes=separate_passes)
     name = name or config_name(configuration, gpu_memory_gb)
     if name == configuration:
         raise PlanGPUError("the new configuration needs a name other than its parent's")
@@ -259,27 +266,23 @@ def plan_gpu(dataset_name_or_id, configuration: str = "3d_fullres", gpu_memory_g
 
 
 def _run(args) -> int:
-    try:
-        results = []
-        for gb in args.gpu_memory:
-            r = plan_gpu(args.d, args.c, gb, args.p, args.unlabeled_batch_size,
-                         args.name if len(args.gpu_memory) == 1 else None, args.dry_run)
-            results.append(r)
-            g = r["configuration"]["smms_gpu_plan"]
-            print(f"{r['name']}: patch {g['parent_patch_size']} -> {r['configuration']['patch_size']}, batch "
-                  f"{g['labeled_batch_size']} labeled + {g['unlabeled_batch_size']} unlabeled; nnU-Net estimate "
-                  f"{g['estimate_gb_parent_smms']} GB -> {g['estimate_gb_smms']} GB (plain nnU-Net on {args.c}: "
-                  f"{g['estimate_gb_parent_plain_nnunet']} GB)")
-        if args.dry_run:
-            print("(dry run: plans not written)")
-        else:
-            print(f"written to {results[0]['plans_file']}. Train with:")
-            for r in results:
-                print(f"  nnUNetv2_train {args.d} {r['name']} FOLD -tr nnUNetTrainerSMMS"
-                      + (f" -p {args.p}" if args.p != "nnUNetPlans" else ""))
-    except PlanGPUError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    results = []
+    for gb in args.gpu_memory:
+        r = plan_gpu(args.d, args.c, gb, args.p, args.unlabeled_batch_size,
+                     args.name if len(args.gpu_memory) == 1 else None, args.dry_run, not args.joint_pass)
+        results.append(r)
+        g = r["configuration"]["smms_gpu_plan"]
+        print(f"{r['name']}: patch {g['parent_patch_size']} -> {r['configuration']['patch_size']}, batch "
+              f"{g['labeled_batch_size']} labeled + {g['unlabeled_batch_size']} unlabeled; nnU-Net estimate "
+              f"{g['estimate_gb_parent_smms']} GB -> {g['estimate_gb_smms']} GB (plain nnU-Net on {args.c}: "
+              f"{g['estimate_gb_parent_plain_nnunet']} GB)")
+    if args.dry_run:
+        print("(dry run: plans not written)")
+    else:
+        print(f"written to {results[0]['plans_file']}. Train with:")
+        for r in results:
+            print(f"  nnUNetv2_train {args.d} {r['name']} FOLD -tr nnUNetTrainerSMMS"
+                  + (f" -p {args.p}" if args.p != "nnUNetPlans" else ""))
     return 0
 
 
@@ -301,4 +304,7 @@ def register(subparsers) -> None:
                    help="unlabeled cases per step to plan for (default: the planned batch size, as the trainer)")
     p.add_argument("--name", default=None, help="name of the new configuration (one --gpu-memory value only)")
     p.add_argument("--dry-run", action="store_true", help="print, do not write the plans")
-    p.set_defaults(func=_run)
+    p.add_argument("--joint-pass", action="store_true",
+                   help="plan for a trainer with separate_unlabeled_pass = False (labeled + unlabeled cases in one "
+                        "forward pass: about twice the activation memory)")
+    p.set_defaults(func=cli_command(_run))

@@ -58,3 +58,55 @@ def test_ddp_every_parameter_gets_a_gradient_and_ranks_stay_in_sync(tmp_path):
     for name in CONFIGS:
         w0, w1 = (torch.load(tmp_path / f"{name}_rank{r}.pt") for r in range(2))
         torch.testing.assert_close(w0, w1, msg=f"{name}: ranks diverged")  # gradients were averaged
+
+
+def _train_step_worker(rank: int, world: int, port: int, result_dir: str):
+    """nnUNetTrainerSMMS.train_step itself on a DDP-wrapped network with nnU-Net's own loss classes. The trainer
+    object is created without nnU-Net's __init__/initialize (they force CUDA under DDP); train_step only needs the
+    attributes set here."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+        from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+        from nnunetv2_smms.trainers import nnUNetTrainerSMMS
+        from nnunetv2_smms.trainers.mutual_learning import MutualLearningLoss
+        for separate in (True, False):
+            torch.manual_seed(0)
+            t = object.__new__(nnUNetTrainerSMMS)
+            t.network = torch.nn.parallel.DistributedDataParallel(build(n_stages=3, dropout_p=0).train(),
+                                                                  find_unused_parameters=False)
+            t.device, t.is_ddp, t.grad_scaler = torch.device("cpu"), True, None
+            t.optimizer = torch.optim.SGD(t.network.parameters(), lr=0.01, momentum=0.99, nesterov=True)
+            t.use_mcml, t.separate_unlabeled_pass, t._unsup_weight = True, separate, 1.0
+            t._bad_steps_in_a_row, t.max_consecutive_bad_steps = 0, 25
+            t.mutual_loss = MutualLearningLoss()
+            # nnU-Net's DDP deep-supervision weights: the lowest output gets 1e-6, not 0 (see _build_loss)
+            t.loss = DeepSupervisionWrapper(DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False,
+                                                            "ddp": True}, {}, weight_ce=1, weight_dice=1,
+                                                           dice_class=MemoryEfficientSoftDiceLoss), [1.0, 1e-6])
+            torch.manual_seed(100 + rank)  # each rank its own cases
+            t.dataloader_unlabeled = iter([{"data": torch.randn(1, 2, 8, 8, 8)} for _ in range(3)])
+            for step in range(3):
+                batch = {"data": torch.randn(2, 2, 8, 8, 8), "keys": [f"r{rank}s{step}"],
+                         "target": [torch.randint(0, 3, (2, 1, 8, 8, 8)).float(),
+                                    torch.randint(0, 3, (2, 1, 4, 4, 4)).float()]}
+                out = t.train_step(batch)
+                assert out["skipped"] == 0 and out["loss_unsup"] > 0, out
+            torch.save(torch.cat([p.detach().flatten() for p in t.network.parameters()]),
+                       os.path.join(result_dir, f"train_step_{'separate' if separate else 'joint'}_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_train_step_with_separate_unlabeled_pass_keeps_ranks_in_sync(tmp_path):
+    """The default separate labeled / unlabeled passes under DDP: the first backward runs under no_sync, the second
+    synchronizes; every parameter takes part (else DDP with find_unused_parameters=False raises at the next step),
+    the ranks end identical, and the result equals one joint pass."""
+    mp.spawn(_train_step_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    w = {(mode, r): torch.load(tmp_path / f"train_step_{mode}_rank{r}.pt") for mode in ("separate", "joint")
+         for r in range(2)}
+    torch.testing.assert_close(w[("separate", 0)], w[("separate", 1)], msg="ranks diverged")
+    torch.testing.assert_close(w[("separate", 0)], w[("joint", 0)], rtol=1e-3, atol=1e-6)

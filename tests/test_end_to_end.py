@@ -101,3 +101,25 @@ def test_training_without_preprocessed_unlabeled_data_stops_with_the_command(pre
     p = run(TRAIN, env, expect_ok=False)
     assert p.returncode != 0
     assert f"Run: nnunetv2_smms preprocess-unlabeled -d {name} -c 3d_fullres" in p.stderr
+
+
+def test_light_mmf_trainer_records_its_kernel_and_the_predictor_rebuilds_it(prepared_dataset, monkeypatch, tmp_path):
+    """nnUNetTrainerSMMS_LightMMF (found through nnUNet_extTrainer) builds pointwise MMF convolutions and records
+    that in the plans, from which nnU-Net's predictor rebuilds the network (same parameters, same shapes)."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_extTrainer"):
+        monkeypatch.setenv(k, prepared_dataset["env"][k])
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, "nnUNetTrainerSMMS_LightMMF",
+                                    device=torch.device("cpu"))
+    trainer.initialize()
+    kernels = {m.kernel_size for n, m in trainer.network.named_modules()
+               if n.startswith("mmf.") and isinstance(m, torch.nn.Conv3d)}
+    assert kernels == {(1, 1, 1)}
+    plans = json.loads(json.dumps(trainer.plans_manager.plans))  # what on_train_start writes to plans.json
+    assert plans["configurations"]["3d_fullres"]["smms"]["mmf_kernel_size"] == 1
+    cm = PlansManager(plans).get_configuration("3d_fullres")
+    rebuilt = type(trainer).build_network_architecture(None, cm, trainer.num_input_channels,
+                                                       trainer.label_manager.num_segmentation_heads, False)
+    rebuilt.load_state_dict(trainer.network.state_dict())  # strict: same names and shapes

@@ -110,6 +110,23 @@ def test_mmf_modes_all_train(mode):
     assert all(p.grad is not None for n, p in net.named_parameters() if "mmf" in n)
 
 
+@pytest.mark.parametrize("dim", [2, 3])
+def test_light_mmf_uses_pointwise_convolutions_and_keeps_shapes(dim):
+    torch.manual_seed(0)
+    paper, light = build(dim).train(), build(dim, mmf_kernel_size=1).train()
+    conv = nn.Conv2d if dim == 2 else nn.Conv3d
+    kernels = {m.kernel_size for n, m in light.named_modules() if n.startswith("mmf.") and isinstance(m, conv)}
+    assert kernels == {(1,) * dim}
+    assert sum(p.numel() for p in light.parameters()) < sum(p.numel() for p in paper.parameters())
+    x = torch.randn(2, 2, *([16] * dim))
+    for out_light, out_paper in zip(light(x), paper(x)):
+        assert [o.shape for o in out_light] == [o.shape for o in out_paper]
+    with pytest.raises(ValueError, match="mmf_kernel_size"):
+        SMMSNetworkConfig(mmf_kernel_size=5)
+    # a model trained before the option existed has no mmf_kernel_size in its plans: the paper's 3 is used
+    assert SMMSNetworkConfig.from_dict({"channels_a": [0], "channels_b": [1]}).mmf_kernel_size == 3
+
+
 def test_mae_weights_sum_to_one_across_modalities():
     torch.manual_seed(0)
     mae = ModalityAwareEnhancement(nn.Conv3d, 8, nn.InstanceNorm3d, {"affine": True})

@@ -9,6 +9,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import List, Sequence, Tuple
 
+from nnunetv2_smms.errors import SMMSUserError
+
 MMF_MODES = ("residual_gate", "gate", "add", "replace")
 MAE_POSITIONS = ("bottleneck", "all_skips")
 OUTPUT_BRANCHES = ("fused", "a", "b")
@@ -17,7 +19,7 @@ CHANNEL_SPLIT_ENV = "nnUNet_smms_channel_split"
 OUTPUT_BRANCH_ENV = "nnUNet_smms_output_branch"
 
 
-class ChannelSplitError(ValueError):
+class ChannelSplitError(SMMSUserError, ValueError):
     pass
 
 
@@ -30,6 +32,9 @@ class SMMSNetworkConfig:
     mmf: bool = True
     mmf_stages: int = 4
     mmf_mode: str = "residual_gate"
+    # kernel of MMF's two convolutions: 3 as in the paper; 1 (pointwise) is the light variant, about a tenth of
+    # the paper's MMF compute (see fusion.py and benchmarks/README.md)
+    mmf_kernel_size: int = 3
     # MAE (eq. 3), one module per branch. Position not stated in the paper; see enhancement.py.
     mae: bool = True
     mae_position: str = "bottleneck"
@@ -45,6 +50,8 @@ class SMMSNetworkConfig:
             raise ValueError(f"mae_position must be one of {MAE_POSITIONS}, got {self.mae_position!r}")
         if self.output_branch not in OUTPUT_BRANCHES:
             raise ValueError(f"output_branch must be one of {OUTPUT_BRANCHES}, got {self.output_branch!r}")
+        if self.mmf_kernel_size not in (1, 3):
+            raise ValueError(f"mmf_kernel_size must be 1 or 3, got {self.mmf_kernel_size}")
         if not 0 <= self.dropout_p < 1:
             raise ValueError(f"dropout_p must be in [0, 1), got {self.dropout_p}")
         self.channels_a = [int(c) for c in self.channels_a]

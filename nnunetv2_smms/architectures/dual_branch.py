@@ -43,7 +43,7 @@ class DualBranchUNet(nn.Module):
         init = InitWeights_He(1e-2)
 
         self.mmf_stages = min(config.mmf_stages, n_stages - 1) if config.mmf else 0
-        self.mmf = nn.ModuleList(MultiModalFusion(conv_op, features[s], norm_op, norm_kwargs)
+        self.mmf = nn.ModuleList(MultiModalFusion(conv_op, features[s], norm_op, norm_kwargs, config.mmf_kernel_size)
                                  for s in range(self.mmf_stages))
         if not config.mae:
             self.mae_levels: List[int] = []

@@ -4,6 +4,11 @@
 
 conv1/conv2 are 3x3(x3) convolutions (stride 1, padding 1), each followed by PReLU and normalization.
 
+Cost: at the paper's kernel size MMF adds three 3x3x3 convolutions of the stage's width per stage it fuses (conv1
+reads both branches), at the full resolution too; that is about a third more convolution work than the two
+encoder-decoders it joins (``python benchmarks/bench_flops.py``). ``kernel_size=1`` (pointwise convolutions, the
+same gate otherwise) is the light variant for users who need the speed; it is an option, not the paper's default.
+
 Where the paper is silent, and what we chose:
 - Normalization: the paper says batch norm; we use the plans' norm op (instance norm in nnU-Net) like every
   other layer of the network, because batch norm over 2 + 2 3D crops is noisy.
@@ -33,13 +38,14 @@ def inject_fusion(features: torch.Tensor, fused: torch.Tensor, mode: str) -> tor
 
 
 class MultiModalFusion(nn.Module):
-    def __init__(self, conv_op, channels: int, norm_op, norm_op_kwargs: dict = None):
+    def __init__(self, conv_op, channels: int, norm_op, norm_op_kwargs: dict = None, kernel_size: int = 3):
         super().__init__()
         norm_op_kwargs = norm_op_kwargs or {}
-        self.conv1 = conv_op(2 * channels, channels, kernel_size=3, stride=1, padding=1)
+        pad = kernel_size // 2
+        self.conv1 = conv_op(2 * channels, channels, kernel_size=kernel_size, stride=1, padding=pad)
         self.act1 = nn.PReLU(channels)
         self.norm1 = norm_op(channels, **norm_op_kwargs)
-        self.conv2 = conv_op(channels, channels, kernel_size=3, stride=1, padding=1)
+        self.conv2 = conv_op(channels, channels, kernel_size=kernel_size, stride=1, padding=pad)
         self.act2 = nn.PReLU(channels)
         self.norm2 = norm_op(channels, **norm_op_kwargs)
 

@@ -65,12 +65,18 @@ class nnUNetTrainerSMMS(nnUNetTrainer):
     use_mcml = True
     mmf_stages = 4
     mmf_mode = "residual_gate"
+    mmf_kernel_size = 3          # paper; 1 = light MMF (pointwise convolutions)
     mae_position = "bottleneck"
     dropout_p = 0.5
     # --- mutual learning ---
     unsup_alpha = 1.0            # paper: alpha = 1.0
     unsup_rampup_epochs = 0      # > 0: sigmoid ramp-up of alpha over that many epochs
     unlabeled_batch_size = None  # global; None = the planned (labeled) batch size
+    # True: the labeled and the unlabeled part of a step get their own forward + backward pass (gradients summed
+    # before the optimizer step): the same gradients as one pass over the joined batch (every layer works per
+    # sample: instance norm, MMF, MAE, dropout), about half the peak activation memory, and faster on CPUs.
+    # False: one pass over labeled + unlabeled cases joined (plans with batch norm differ between the two).
+    separate_unlabeled_pass = True
     # --- robustness ---
     max_consecutive_bad_steps = 25  # non-finite losses in a row before the run stops
 
@@ -91,7 +97,8 @@ class nnUNetTrainerSMMS(nnUNetTrainer):
         channels_a, channels_b = resolve_channel_split(dataset_json)
         self.smms_config = SMMSNetworkConfig(
             channels_a=channels_a, channels_b=channels_b, mmf=self.use_mmf, mmf_stages=self.mmf_stages,
-            mmf_mode=self.mmf_mode, mae=self.use_mae, mae_position=self.mae_position, dropout_p=self.dropout_p)
+            mmf_mode=self.mmf_mode, mmf_kernel_size=self.mmf_kernel_size, mae=self.use_mae,
+            mae_position=self.mae_position, dropout_p=self.dropout_p)
         # record the settings in the plans that on_train_start copies into the model folder: nnU-Net's predictor
         # rebuilds the network from those plans alone (see architectures/config.py)
         self.plans_manager.plans["configurations"][configuration]["smms"] = self.smms_config.to_dict()
@@ -105,7 +112,8 @@ class nnUNetTrainerSMMS(nnUNetTrainer):
         self.print_to_log_file(
             f"SMMS: branch a = channels {channels_a} ({branch_channel_names(dataset_json, channels_a)}), branch b = "
             f"channels {channels_b} ({branch_channel_names(dataset_json, channels_b)}); MMF={self.use_mmf} "
-            f"({self.mmf_mode}), MAE={self.use_mae} ({self.mae_position}), MCML={self.use_mcml} "
+            f"({self.mmf_mode}, kernel {self.mmf_kernel_size}), MAE={self.use_mae} ({self.mae_position}), "
+            f"MCML={self.use_mcml} "
             f"(alpha={self.unsup_alpha}, ramp-up {self.unsup_rampup_epochs} epochs), dropout={self.dropout_p}",
             also_print_to_console=True)
 
@@ -168,20 +176,25 @@ class nnUNetTrainerSMMS(nnUNetTrainer):
         super().on_train_epoch_start()
         self._unsup_weight = unsupervised_weight(self.unsup_alpha, self.current_epoch, self.unsup_rampup_epochs)
 
-    def compute_losses(self, out_a, out_b, target, n_labeled: int) -> dict:
+    def compute_losses(self, out_a, out_b, target, n_labeled: int, with_unsup: bool) -> dict:
+        """Losses of one pass whose first n_labeled samples are labeled (target) and the rest unlabeled."""
         def labeled(o):
             return [x[:n_labeled] for x in o] if isinstance(o, (list, tuple)) else o[:n_labeled]
 
         def full_res(o):
             return o[0] if isinstance(o, (list, tuple)) else o
 
-        sup_a = self.loss(labeled(out_a), target)
-        sup_b = self.loss(labeled(out_b), target)
-        if self.use_mcml:
-            unsup = self.mutual_loss(full_res(out_a)[n_labeled:], full_res(out_b)[n_labeled:])
-        else:
-            unsup = torch.zeros((), device=sup_a.device)
+        zero = torch.zeros((), device=full_res(out_a).device)
+        sup_a = self.loss(labeled(out_a), target) if n_labeled else zero
+        sup_b = self.loss(labeled(out_b), target) if n_labeled else zero
+        unsup = self.mutual_loss(full_res(out_a)[n_labeled:], full_res(out_b)[n_labeled:]) if with_unsup else zero
         total = sup_a + sup_b + self._unsup_weight * unsup
+        if self.is_ddp and n_labeled == 0 and isinstance(out_a, (list, tuple)):
+            # unlabeled-only pass: L_unsup uses the full-resolution outputs only. DDP (find_unused_parameters=False,
+            # as nnU-Net wraps the network) needs a gradient, even a zero one, for every parameter in every synced
+            # backward, so the lower-resolution seg heads enter with weight 0 (nnU-Net itself gives its lowest
+            # deep-supervision output the weight 1e-6 under DDP for the same reason)
+            total = total + 0.0 * sum(o.float().mean() for o in list(out_a[1:]) + list(out_b[1:]))
         return {"loss": total, "loss_sup_a": sup_a, "loss_sup_b": sup_b, "loss_unsup": unsup}
 
     def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
@@ -190,43 +203,68 @@ class nnUNetTrainerSMMS(nnUNetTrainer):
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite.item())
 
+    def _forward_losses(self, data, target, n_labeled: int, with_unsup: bool) -> dict:
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            out_a, out_b = self.network(data)
+            return self.compute_losses(out_a, out_b, target, n_labeled, with_unsup)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+
+    def _skip_step(self, losses: dict, batch: dict) -> dict:
+        """A non-finite loss (on every rank): no update; stop after max_consecutive_bad_steps in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._bad_steps_in_a_row += 1
+        self.print_to_log_file(f"WARNING: non-finite loss ({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}"
+                               f") on cases {list(batch.get('keys', []))}; step skipped "
+                               f"({self._bad_steps_in_a_row} in a row)")
+        if self._bad_steps_in_a_row >= self.max_consecutive_bad_steps:
+            raise RuntimeError(
+                f"{self._bad_steps_in_a_row} consecutive training steps had a non-finite loss; stopping. The "
+                f"last good checkpoint is {os.path.join(self.output_folder, 'checkpoint_latest.pth')} (resume "
+                f"with --c after fixing the data or lowering the learning rate).")
+        return {k: np.array(np.nan) for k in losses} | {"skipped": np.array(1.0)}
+
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
         n_labeled = data.shape[0]
+        unlabeled = None
         if self.use_mcml:
             unlabeled = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
-            data = torch.cat((data, unlabeled), 0)
-
+        separate = unlabeled is not None and self.separate_unlabeled_pass
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            out_a, out_b = self.network(data)
-            losses = self.compute_losses(out_a, out_b, target, n_labeled)
-        total = losses["loss"]
 
-        if not self._all_ranks_finite(total):
-            self._bad_steps_in_a_row += 1
-            self.print_to_log_file(f"WARNING: non-finite loss ({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}"
-                                   f") on cases {list(batch.get('keys', []))}; step skipped "
-                                   f"({self._bad_steps_in_a_row} in a row)")
-            if self._bad_steps_in_a_row >= self.max_consecutive_bad_steps:
-                raise RuntimeError(
-                    f"{self._bad_steps_in_a_row} consecutive training steps had a non-finite loss; stopping. The "
-                    f"last good checkpoint is {os.path.join(self.output_folder, 'checkpoint_latest.pth')} (resume "
-                    f"with --c after fixing the data or lowering the learning rate).")
-            return {k: np.array(np.nan) for k in losses} | {"skipped": np.array(1.0)}
+        if unlabeled is not None and not separate:  # one pass over labeled + unlabeled
+            losses = self._forward_losses(torch.cat((data, unlabeled), 0), target, n_labeled, True)
+            if not self._all_ranks_finite(losses["loss"]):
+                return self._skip_step(losses, batch)
+            self._backward(losses["loss"])
+        else:
+            # under DDP the gradients are all-reduced once, after the second backward (no_sync must cover the
+            # first pass's forward too: DDP decides in forward whether the next backward synchronizes)
+            with self.network.no_sync() if separate and self.is_ddp else dummy_context():
+                losses = self._forward_losses(data, target, n_labeled, False)
+                if not self._all_ranks_finite(losses["loss"]):
+                    return self._skip_step(losses, batch)
+                self._backward(losses["loss"])
+            if separate:
+                unl = self._forward_losses(unlabeled, None, 0, True)
+                losses["loss_unsup"] = unl["loss_unsup"]
+                losses["loss"] = losses["loss"].detach() + unl["loss"].detach()
+                if not self._all_ranks_finite(unl["loss"]):
+                    return self._skip_step(losses, batch)
+                self._backward(unl["loss"])
         self._bad_steps_in_a_row = 0
 
         if self.grad_scaler is not None:
-            self.grad_scaler.scale(total).backward()
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
-            total.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
         return {k: v.detach().cpu().numpy() for k, v in losses.items()} | {"skipped": np.array(0.0)}
