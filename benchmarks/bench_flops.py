@@ -13,13 +13,11 @@ Default plans: the BraTS 2018 cases planned by nnU-Net at their native 1 mm and 
 """
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine_info, nnunet_env, write_result  # noqa: E402
+from _common import RESULTS, machine_info, write_result  # noqa: E402
 
 # name -> (SMMSNetworkConfig overrides, unlabeled samples per labeled sample); None = plain nnU-Net
 VARIANTS = {
@@ -88,18 +86,12 @@ def bench_plans(plans_file: Path, configuration: str) -> dict:
 
 
 def main(argv=None) -> int:
+    from bench_memory import add_plans_arguments, plans_or_brats
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plans", nargs="*", default=None, help="plans files (default: BraTS planned at 1 mm and 4 mm)")
-    parser.add_argument("-c", "--configuration", default="3d_fullres")
-    parser.add_argument("--root", default=None, help="work folder for the default plans (kept)")
+    add_plans_arguments(parser)
     parser.add_argument("--out", default=str(RESULTS / "flops.json"))
     args = parser.parse_args(argv)
-    plans_files = [Path(p) for p in args.plans] if args.plans else None
-    if plans_files is None:
-        from bench_memory import plan_brats
-        root = Path(args.root or tempfile.mkdtemp(prefix="smms_bench_flops_"))
-        plans_files = [plan_brats(root, 621, None), plan_brats(root, 622, (4.0, 4.0, 4.0))]
-        os.environ.update({k: nnunet_env(root)[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+    plans_files = plans_or_brats(args.plans, args.root, "smms_bench_flops_")
     result = {"machine": machine_info(),
               "command": "python benchmarks/bench_flops.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "method": "torch.utils.flop_counter.FlopCounterMode, forward + backward of one training step in train "

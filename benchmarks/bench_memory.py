@@ -52,6 +52,23 @@ def plan_brats(root: Path, dataset_id: int, spacing) -> Path:
     return plans
 
 
+def add_plans_arguments(parser) -> None:
+    parser.add_argument("--plans", nargs="*", default=None, help="plans files (default: BraTS planned at 1 mm and 4 mm)")
+    parser.add_argument("-c", "--configuration", default="3d_fullres")
+    parser.add_argument("--root", default=None, help="work folder for the default plans (kept)")
+
+
+def plans_or_brats(plans, root, prefix: str):
+    """The given plans files, or nnU-Net's plans of the BraTS cases at 1 mm and 4 mm (planned under `root`, or a
+    temporary folder); sets the nnU-Net paths that PlansManager may need."""
+    if plans:
+        return [Path(p) for p in plans]
+    root = Path(root or tempfile.mkdtemp(prefix=prefix))
+    plans_files = [plan_brats(root, 621, None), plan_brats(root, 622, (4.0, 4.0, 4.0))]
+    os.environ.update({k: nnunet_env(root)[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+    return plans_files
+
+
 def saved_bytes(net, x) -> int:
     import torch
     seen = {}
@@ -231,26 +248,21 @@ def bench_plans(plans_file: Path, configuration: str, unlabeled_sizes, gpu: bool
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plans", nargs="*", default=None, help="plans files (default: BraTS planned at 1 mm and 4 mm)")
-    parser.add_argument("-c", "--configuration", default="3d_fullres")
-    parser.add_argument("--root", default=None, help="work folder for the default plans (kept)")
+    add_plans_arguments(parser)
     parser.add_argument("--unlabeled", type=int, nargs="+", default=[0, 1, 2, 4])
     parser.add_argument("--gpu", action="store_true", help="also measure the real peak on CUDA")
     parser.add_argument("--rss", action="store_true", help="also measure the real CPU peak RSS (fresh process per row)")
     parser.add_argument("--rss-max-gb", type=float, default=4.0, help="skip RSS rows estimated above this")
     parser.add_argument("--out", default=str(RESULTS / "memory.json"))
     args = parser.parse_args(argv)
-    plans_files = [Path(p) for p in args.plans] if args.plans else None
-    if plans_files is None:
-        root = Path(args.root or tempfile.mkdtemp(prefix="smms_bench_mem_"))
-        plans_files = [plan_brats(root, 621, None), plan_brats(root, 622, (4.0, 4.0, 4.0))]
-        os.environ.update({k: nnunet_env(root)[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+    plans_files = plans_or_brats(args.plans, args.root, "smms_bench_mem_")
     result = {"machine": machine_info(),
               "command": "python benchmarks/bench_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "method": "activations = bytes autograd saves for backward (meta device, fp32, train mode, deep "
                         "supervision); params x3 = weights + grads + SGD momentum; nnU-Net estimate = "
                         "static_estimate_VRAM_usage converted with the planner's 8 GB reference",
-              "plans": [bench_plans(p, args.configuration, args.unlabeled, args.gpu, args.rss_max_gb if args.rss else None) for p in plans_files]}
+              "plans": [bench_plans(p, args.configuration, args.unlabeled, args.gpu,
+                                    args.rss_max_gb if args.rss else None) for p in plans_files]}
     write_result(Path(args.out), result)
     return 0
 
