@@ -6,7 +6,8 @@ What this trainer changes:
 - the network: two planned encoder-decoders, one per modality, joined by MMF and MAE (architectures/);
 - each training batch: the planned labeled batch plus an unlabeled batch (same size by default; the paper's
   2 + 2) drawn from nnUNet_preprocessed/<dataset>/<data_identifier>_unlabeled through nnU-Net's dataset class,
-  augmentation and background workers;
+  augmentation and background workers; the two parts get their own forward + backward pass and one optimizer
+  step (separate_unlabeled_pass: same update as one joint pass, half the peak activation memory);
 - the loss: L = L_sup(a) + L_sup(b) + alpha * L_unsup (MCML, trainers/mutual_learning.py);
 - logging: L_sup per branch, L_unsup and pseudo Dice per branch, drawn into progress.png;
 - checkpoints: checkpoint_latest.pth every epoch (nnU-Net: every 50), always written to a temporary file and
