@@ -238,26 +238,27 @@ class nnUNetTrainerSMMS(nnUNetTrainer):
         separate = unlabeled is not None and self.separate_unlabeled_pass
         self.optimizer.zero_grad(set_to_none=True)
 
-        if unlabeled is not None and not separate:  # one pass over labeled + unlabeled
-            losses = self._forward_losses(torch.cat((data, unlabeled), 0), target, n_labeled, True)
+        if not separate:  # one pass: the labeled batch, joined with the unlabeled one if there is one
+            joint = unlabeled is not None
+            losses = self._forward_losses(torch.cat((data, unlabeled), 0) if joint else data, target, n_labeled,
+                                          joint)
             if not self._all_ranks_finite(losses["loss"]):
                 return self._skip_step(losses, batch)
             self._backward(losses["loss"])
         else:
             # under DDP the gradients are all-reduced once, after the second backward (no_sync must cover the
-            # first pass's forward too: DDP decides in forward whether the next backward synchronizes)
-            with self.network.no_sync() if separate and self.is_ddp else dummy_context():
+            # first pass's forward too: DDP decides in forward whether the next backward synchronizes). One
+            # finiteness check (one host sync) after both passes: a non-finite part leaves NaN gradients, which
+            # _skip_step drops before any optimizer or grad-scaler step.
+            with self.network.no_sync() if self.is_ddp else dummy_context():
                 losses = self._forward_losses(data, target, n_labeled, False)
-                if not self._all_ranks_finite(losses["loss"]):
-                    return self._skip_step(losses, batch)
                 self._backward(losses["loss"])
-            if separate:
-                unl = self._forward_losses(unlabeled, None, 0, True)
-                losses["loss_unsup"] = unl["loss_unsup"]
-                losses["loss"] = losses["loss"].detach() + unl["loss"].detach()
-                if not self._all_ranks_finite(unl["loss"]):
-                    return self._skip_step(losses, batch)
-                self._backward(unl["loss"])
+            unl = self._forward_losses(unlabeled, None, 0, True)
+            self._backward(unl["loss"])
+            losses["loss_unsup"] = unl["loss_unsup"]
+            losses["loss"] = losses["loss"].detach() + unl["loss"].detach()
+            if not self._all_ranks_finite(losses["loss"]):
+                return self._skip_step(losses, batch)
         self._bad_steps_in_a_row = 0
 
         if self.grad_scaler is not None:
