@@ -81,10 +81,11 @@ def _resample(img, spacing, is_label: bool):
                          img.GetPixelID())
 
 
-def write_brats_case(case: str, spacing, image_folder: Path, label_folder: Path = None):
-    """T1ce (channel 0) + T2 (channel 1) and the whole tumour (labels 1, 2, 4 -> 1), resampled to `spacing`."""
+def write_brats_case(case: str, spacing, image_folder: Path, label_folder: Path = None, src: Path = None):
+    """T1ce (channel 0) + T2 (channel 1) and the whole tumour (labels 1, 2, 4 -> 1), resampled to `spacing`.
+    `src`: the case's folder (default: ../shared/data/brats18/<case>)."""
     import SimpleITK as sitk
-    src = BRATS_DIR / case
+    src = src or BRATS_DIR / case
     for c, mod in enumerate(("t1ce", "t2")):
         img = sitk.ReadImage(str(src / f"{case}_{mod}.nii.gz"))
         if spacing is not None:

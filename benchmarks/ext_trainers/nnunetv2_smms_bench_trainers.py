@@ -4,12 +4,17 @@ this folder is in nnUNet_extTrainer; benchmarks/_common.py puts it there).
 nnUNetTrainerBenchShort is nnU-Net's nnUNetTrainer with ONLY num_epochs / num_iterations_per_epoch /
 num_val_iterations_per_epoch changed, read from the same variables as the SMMS trainer
 (nnUNet_smms_epochs, nnUNet_smms_iterations_per_epoch, nnUNet_smms_val_iterations), so both get the same schedule.
+nnUNet_smms_seed seeds Python, NumPy and torch as the SMMS trainer does.
 Everything else (network, loss, augmentation, optimizer, LR schedule over the shortened run) is plain nnU-Net.
 """
 import os
+import random
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunetv2_smms.trainers.nnUNetTrainerSMMS import nnUNetTrainerSMMS
 
 
 def _env_int(name, default):
@@ -21,6 +26,16 @@ class nnUNetTrainerBenchShort(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        seed = _env_int("nnUNet_smms_seed", None)
+        if seed is not None:  # the same seeding as nnUNetTrainerSMMS (weights initialised after __init__)
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
         self.num_epochs = _env_int("nnUNet_smms_epochs", self.num_epochs)
         self.num_iterations_per_epoch = _env_int("nnUNet_smms_iterations_per_epoch", self.num_iterations_per_epoch)
         self.num_val_iterations_per_epoch = _env_int("nnUNet_smms_val_iterations", self.num_val_iterations_per_epoch)
+
+
+class nnUNetTrainerSMMS_BenchReplace(nnUNetTrainerSMMS):
+    """The full method with the most literal MMF reading: both encoders continue from f_ab (mmf_mode 'replace')."""
+    mmf_mode = "replace"
