@@ -137,15 +137,16 @@ def run_id(row, fraction, seed, iterations):
 
 
 def plan_runs(rows, fractions, seeds, iterations, length_check):
-    """(row, fraction, seed, iterations) in priority order: for the first fraction, nnU-Net and SMMS over all
-    seeds first, then the other rows, then the next fraction; the length check (2x iterations, seed 0) last."""
+    """(row, fraction, seed, iterations) in priority order: for the first fraction, nnU-Net and SMMS seed by seed
+    (each finished pair is a paired comparison), then nnU-Net with all labels and the other rows seed by seed, then
+    the next fraction; the length check (2x iterations, seed 0) last."""
     runs = []
     for fraction in fractions:
         for row in rows:
             for seed in seeds:
                 runs.append((row, fraction, seed, iterations))
     key = {r: i for i, r in enumerate(ROWS)}
-    runs.sort(key=lambda r: (fractions.index(r[1]), key[r[0]] > key["nnU-Net all labels"], key[r[0]], r[2]))
+    runs.sort(key=lambda r: (fractions.index(r[1]), key[r[0]] >= key["nnU-Net all labels"], r[2], key[r[0]]))
     if length_check:
         runs += [(row, fractions[0], seeds[0], 2 * iterations) for row in (PLAIN_REFERENCE, SMMS_REFERENCE)
                  if row in rows]
@@ -359,7 +360,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows of: " + ", ".join(ROWS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--fractions", default="5,10", help="labeled fractions: 5 (2 cases) and/or 10 (4 cases)")
-    p.add_argument("--iterations", type=int, default=1000, help="training iterations of every run")
+    p.add_argument("--iterations", type=int, default=600, help="training iterations of every run")
     p.add_argument("--val-iterations", type=int, default=10)
     p.add_argument("--no-length-check", action="store_true",
                    help="skip the nnU-Net and SMMS runs at twice the iterations (seed 0, first fraction)")
