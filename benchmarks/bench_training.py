@@ -27,8 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine_info, nnunet_env, prepare_brats, stats, write_result  # noqa: E402
 
-TRAINERS = ("nnUNetTrainer", "nnUNetTrainerSMMS_Baseline", "nnUNetTrainerSMMS_MMF", "nnUNetTrainerSMMS_MMF_MAE",
-            "nnUNetTrainerSMMS", "nnUNetTrainerSMMS:joint", "nnUNetTrainerSMMS_LightMMF", "nnUNetTrainer@4")
+from nnunetv2_smms.trainers import TRAINER_NAMES  # noqa: E402
+
+TRAINERS = ("nnUNetTrainer", *[t for t in TRAINER_NAMES if t != "nnUNetTrainerSMMS_MMF_MCML"], "nnUNetTrainerSMMS:joint",
+            "nnUNetTrainer@4")
 
 
 class Repeat:

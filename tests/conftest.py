@@ -67,3 +67,33 @@ def trained_smms_model(prepared_dataset) -> dict:
     return {"model_folder": root / "results" / raw.name / "nnUNetTrainerSMMS__nnUNetPlans__3d_fullres",
             "images_ts": raw / "imagesTs", "labels_ts": raw / "labelsTs", "env": env, "root": root, "raw": raw,
             "train_stdout": p.stdout}
+
+
+def make_trainer(prepared_dataset, monkeypatch, tmp_path, trainer="nnUNetTrainerSMMS", start=True, **env):
+    """A trainer of the prepared dataset in this process (augmentation in this process: no workers to clean
+    up), through nnU-Net's own get_trainer_from_args; on_train_start() unless start=False."""
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_extTrainer"):
+        monkeypatch.setenv(k, prepared_dataset["env"][k])
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    for k, v in env.items():
+        monkeypatch.setenv(k, str(v))
+    t = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, trainer, device=torch.device("cpu"))
+    if start:
+        t.on_train_start()
+    return t
+
+
+# Slow: end-to-end tests through nnU-Net's commands or an in-process trainer on the prepared dataset, real BraTS
+# data, multi-process DDP. `pytest -m "not slow"` runs the unit tests only (about 2 minutes on 2 cores).
+SLOW_FIXTURES = {"prepared_dataset", "trained_smms_model"}
+SLOW_MODULES = {"test_brats_real", "test_ddp", "test_reliability", "test_end_to_end", "test_evaluate_model",
+                "test_convert_brats", "test_convert_ct_mr", "test_plan_gpu", "test_bench_dry_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -18,8 +18,12 @@ def test_dataset_json_and_override_by_index_or_name():
 
 
 def test_env_override(monkeypatch):
+    from nnunetv2_smms import settings
     monkeypatch.setenv("nnUNet_smms_channel_split", "t1ce|flair")
-    assert resolve_channel_split(BRATS4) == ([1], [3])
+    assert resolve_channel_split(BRATS4, settings.channel_split()) == ([1], [3])
+    # the network code never reads the environment: without the override the dataset's own rule applies
+    with pytest.raises(ChannelSplitError, match="which go to branch a"):
+        resolve_channel_split(BRATS4)
 
 
 @pytest.mark.parametrize("dataset_json,override,message", [

@@ -80,8 +80,8 @@ def _train_step_worker(rank: int, world: int, port: int, result_dir: str):
                                                                   find_unused_parameters=False)
             t.device, t.is_ddp, t.grad_scaler = torch.device("cpu"), True, None
             t.optimizer = torch.optim.SGD(t.network.parameters(), lr=0.01, momentum=0.99, nesterov=True)
-            t.use_mcml, t.separate_unlabeled_pass, t._unsup_weight = True, separate, 1.0
-            t._bad_steps_in_a_row, t.max_consecutive_bad_steps = 0, 25
+            t.use_mcml, t.separate_unlabeled_pass = True, separate
+            t._bad_steps_in_a_row, t._iteration, t.num_epochs, t.num_iterations_per_epoch = 0, 0, 1, 3
             t.mutual_loss = MutualLearningLoss()
             # nnU-Net's DDP deep-supervision weights: the lowest output gets 1e-6, not 0 (see _build_loss)
             t.loss = DeepSupervisionWrapper(DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False,

@@ -59,6 +59,26 @@ def test_resume_with_c_continues_and_val_reruns(trained_smms_model, tmp_path):
     assert 0.0 <= summary["foreground_mean"]["Dice"] <= 1.0
 
 
+def test_resume_and_val_with_other_settings_stop_and_change_nothing(trained_smms_model, tmp_path):
+    """A model trained with split 0|1 must not be resumed or re-validated as 1|0 (it would load silently: the
+    shapes match), nor with another unlabeled batch: an error naming both values, the model folder untouched."""
+    shutil.copytree(trained_smms_model["root"] / "results", tmp_path / "results")
+    model = tmp_path / "results" / trained_smms_model["model_folder"].parent.name / trained_smms_model["model_folder"].name
+    files = {p: p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    for extra, flag, message in ((dict(nnUNet_smms_channel_split="1|0"), "--c",
+                                  "smms.channels_a: trained with [0], this call asks for [1]"),
+                                 (dict(nnUNet_smms_channel_split="1|0"), "--val", "smms.channels_b: trained with [1]"),
+                                 (dict(nnUNet_smms_unlabeled_batch_size="1"), "--c",
+                                  "semi_supervised.unlabeled_batch_size: trained with 2, this call asks for 1")):
+        env = dict(trained_smms_model["env"], nnUNet_results=str(tmp_path / "results"), **extra)
+        p = run(TRAIN + [flag], env, expect_ok=False)
+        assert p.returncode != 0 and message in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
+        for f, content in files.items():
+            assert f.read_bytes() == content, f"{f} was changed"
+        assert not [f for f in model.rglob("*") if f.is_file() and f not in files
+                    and not f.name.startswith("training_log")]
+
+
 def test_predict_with_tta_keeps_geometry_and_evaluates(trained_smms_model, tmp_path):
     env, model = trained_smms_model["env"], trained_smms_model["model_folder"]
     out = tmp_path / "pred"

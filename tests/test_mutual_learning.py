@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from nnunetv2_smms.trainers.mutual_learning import MutualLearningLoss, unsupervised_weight
+from nnunetv2_smms.trainers.mutual_learning import MutualLearningLoss
+from nnunetv2_smms.trainers.semi_supervised import rampup_weight
 
 
 def test_loss_is_squared_difference_of_probabilities():
@@ -35,8 +36,9 @@ def test_no_gradient_flows_into_the_pseudo_label():
     assert not torch.allclose(a_full.grad, a.grad)
 
 
-def test_rampup():
-    assert unsupervised_weight(1.0, 0, 0) == 1.0
-    assert math.isclose(unsupervised_weight(2.0, 0, 10), 2.0 * math.exp(-5))
-    assert unsupervised_weight(1.0, 5, 10) < unsupervised_weight(1.0, 9, 10) < 1.0
-    assert unsupervised_weight(1.0, 50, 10) == 1.0
+def test_rampup_over_a_fraction_of_training():
+    assert rampup_weight(1.0, 0.0, 0.0) == 1.0
+    assert math.isclose(rampup_weight(2.0, 0.0, 0.1), 2.0 * math.exp(-5))
+    assert math.isclose(rampup_weight(1.0, 0.05, 0.1), math.exp(-5 * 0.25))
+    assert rampup_weight(1.0, 0.05, 0.1) < rampup_weight(1.0, 0.09, 0.1) < 1.0
+    assert rampup_weight(1.0, 0.5, 0.1) == 1.0

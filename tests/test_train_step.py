@@ -5,23 +5,12 @@ import itertools
 
 import torch
 
-from conftest import DATASET_ID
-
-
-def _trainer(prepared_dataset, monkeypatch, tmp_path):
-    from nnunetv2.run.run_training import get_trainer_from_args
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_extTrainer"):
-        monkeypatch.setenv(k, prepared_dataset["env"][k])
-    monkeypatch.setenv("nnUNet_results", str(tmp_path))
-    monkeypatch.setenv("nnUNet_n_proc_DA", "0")  # augmentation in this process: no workers to clean up
-    trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, "nnUNetTrainerSMMS", device=torch.device("cpu"))
-    trainer.on_train_start()
-    return trainer
+from conftest import make_trainer
 
 
 def test_separate_unlabeled_pass_gives_the_update_of_one_joint_pass(prepared_dataset, monkeypatch, tmp_path):
     from nnunetv2_smms.architectures import unwrap
-    trainer = _trainer(prepared_dataset, monkeypatch, tmp_path)
+    trainer = make_trainer(prepared_dataset, monkeypatch, tmp_path)
     assert trainer.separate_unlabeled_pass  # the default
     # dropout draws its masks per call: one pass of 4 samples and two passes of 2 draw different masks
     unwrap(trainer.network).dropout = torch.nn.Identity()

@@ -1,9 +1,10 @@
-"""Build the SMMS dual-branch network from nnU-Net plans."""
-import os
+"""Build the SMMS dual-branch network from nnU-Net plans (from its arguments alone: no environment)."""
+import dataclasses
+from typing import Optional
 
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from nnunetv2_smms.architectures.config import OUTPUT_BRANCH_ENV, SMMSNetworkConfig
+from nnunetv2_smms.architectures.config import SMMSNetworkConfig
 from nnunetv2_smms.architectures.dual_branch import DualBranchUNet
 
 
@@ -23,20 +24,18 @@ def build_dual_branch_network(arch_class_name: str, arch_kwargs: dict, arch_kwar
 
 
 def build_from_configuration(configuration_manager, num_input_channels: int, num_output_channels: int,
-                             deep_supervision: bool = True) -> DualBranchUNet:
+                             deep_supervision: bool = True, output_branch: Optional[str] = None) -> DualBranchUNet:
     """What the trainer's build_network_architecture does: read the SMMS settings that the trainer recorded
-    in the configuration (plans.json of the model folder) and build the network. The env var
-    nnUNet_smms_output_branch (fused | a | b) selects the eval output, e.g. for nnUNetv2_predict."""
+    in the configuration (plans.json of the model folder) and build the network. ``output_branch`` (fused | a |
+    b), if given, replaces the recorded eval output (per-branch prediction)."""
     settings = configuration_manager.configuration.get("smms")
     if settings is None:
         raise RuntimeError("These plans carry no SMMS settings (plans['configurations'][<configuration>]['smms']). "
                            "SMMS trainers write them into the model folder's plans.json when training starts; "
                            "predict from a model folder trained with an nnUNetTrainerSMMS* trainer.")
     config = SMMSNetworkConfig.from_dict(settings)
-    branch = os.environ.get(OUTPUT_BRANCH_ENV)
-    if branch:
-        config.output_branch = branch
-        config.__post_init__()
+    if output_branch:
+        config = dataclasses.replace(config, output_branch=output_branch)
     return build_dual_branch_network(configuration_manager.network_arch_class_name,
                                      configuration_manager.network_arch_init_kwargs,
                                      configuration_manager.network_arch_init_kwargs_req_import,

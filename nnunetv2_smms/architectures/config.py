@@ -5,7 +5,6 @@ The settings travel with a trained model: the trainer writes them into the model
 because nnU-Net's predictor builds the network from the plans alone (it passes no dataset.json).
 The preprocessed plans file itself is never modified.
 """
-import os
 from dataclasses import asdict, dataclass, field
 from typing import List, Sequence, Tuple
 
@@ -15,8 +14,7 @@ MMF_MODES = ("residual_gate", "gate", "add", "replace")
 MAE_POSITIONS = ("bottleneck", "all_skips")
 OUTPUT_BRANCHES = ("fused", "a", "b")
 
-CHANNEL_SPLIT_ENV = "nnUNet_smms_channel_split"
-OUTPUT_BRANCH_ENV = "nnUNet_smms_output_branch"
+CHANNEL_SPLIT_ENV = "nnUNet_smms_channel_split"  # named in messages; read by nnunetv2_smms.settings
 
 
 class ChannelSplitError(SMMSUserError, ValueError):
@@ -32,8 +30,8 @@ class SMMSNetworkConfig:
     mmf: bool = True
     mmf_stages: int = 4
     mmf_mode: str = "residual_gate"
-    # kernel of MMF's two convolutions: 3 as in the paper; 1 (pointwise) is the light variant, about a tenth of
-    # the paper's MMF compute (see fusion.py and benchmarks/README.md)
+    # kernel of MMF's two convolutions: 3 = the stage's planned kernel (3x3x3 as in the paper; (1, 3, 3) in an
+    # anisotropic stage); 1 (pointwise) is the light variant, about a tenth of the paper's MMF compute
     mmf_kernel_size: int = 3
     # MAE (eq. 3), one module per branch. Position not stated in the paper; see enhancement.py.
     mae: bool = True
@@ -95,7 +93,7 @@ def _parse_side(side, channel_names: dict, where: str) -> List[int]:
 def resolve_channel_split(dataset_json: dict, override: str = None) -> Tuple[List[int], List[int]]:
     """Which input channels go to branch a and which to branch b.
 
-    Precedence: ``override`` (e.g. the env var nnUNet_smms_channel_split = "T1ce|T2" or "0,1|2,3"), then
+    Precedence: ``override`` (the trainer passes nnUNet_smms_channel_split, e.g. "T1ce|T2" or "0,1|2,3"), then
     dataset.json's ``"smms": {"branch_a": [...], "branch_b": [...]}``, then the default for exactly two
     channels (a = channel 0, b = channel 1). Anything else is an error that says how to fix it.
     """
@@ -103,8 +101,6 @@ def resolve_channel_split(dataset_json: dict, override: str = None) -> Tuple[Lis
     if not channel_names:
         raise ChannelSplitError("dataset.json has no 'channel_names'; SMMS needs a multi-modal dataset.")
     n = len(channel_names)
-    if override is None:
-        override = os.environ.get(CHANNEL_SPLIT_ENV) or None
     how_to = (f"Name the split with the environment variable {CHANNEL_SPLIT_ENV}=\"A|B\" (e.g. \"0|1\", "
               f"\"T1,T1ce|T2,FLAIR\") or in dataset.json as \"smms\": {{\"branch_a\": [0], \"branch_b\": [1]}} "
               f"(the dataset.json in nnUNet_preprocessed/<dataset>/ is the one training reads).")

@@ -40,21 +40,24 @@ class DualBranchUNet(nn.Module):
         conv_op, norm_op, norm_kwargs = enc.conv_op, enc.norm_op, enc.norm_op_kwargs
         features = list(enc.output_channels)
         n_stages = len(features)
+        kernels = [list(k) if isinstance(k, (list, tuple)) else k for k in enc.kernel_sizes]  # per stage, planned
         init = InitWeights_He(1e-2)
 
         self.mmf_stages = min(config.mmf_stages, n_stages - 1) if config.mmf else 0
-        self.mmf = nn.ModuleList(MultiModalFusion(conv_op, features[s], norm_op, norm_kwargs, config.mmf_kernel_size)
-                                 for s in range(self.mmf_stages))
+        self.mmf = nn.ModuleList(
+            MultiModalFusion(conv_op, features[s], norm_op, norm_kwargs,
+                             kernels[s] if config.mmf_kernel_size == 3 else 1)
+            for s in range(self.mmf_stages))
         if not config.mae:
             self.mae_levels: List[int] = []
         elif config.mae_position == "bottleneck":
             self.mae_levels = [n_stages - 1]
         else:
             self.mae_levels = list(range(n_stages))
-        self.mae_a = nn.ModuleDict({str(l): ModalityAwareEnhancement(conv_op, features[l], norm_op, norm_kwargs)
-                                    for l in self.mae_levels})
-        self.mae_b = nn.ModuleDict({str(l): ModalityAwareEnhancement(conv_op, features[l], norm_op, norm_kwargs)
-                                    for l in self.mae_levels})
+        self.mae_a = nn.ModuleDict({str(l): ModalityAwareEnhancement(conv_op, features[l], norm_op, norm_kwargs,
+                                                                     kernel_size=kernels[l]) for l in self.mae_levels})
+        self.mae_b = nn.ModuleDict({str(l): ModalityAwareEnhancement(conv_op, features[l], norm_op, norm_kwargs,
+                                                                     kernel_size=kernels[l]) for l in self.mae_levels})
         dropout_cls = {nn.Conv2d: nn.Dropout2d, nn.Conv3d: nn.Dropout3d}[conv_op]
         self.dropout = dropout_cls(config.dropout_p) if config.dropout_p > 0 else nn.Identity()
         for m in (self.mmf, self.mae_a, self.mae_b):

@@ -6,25 +6,32 @@ For branch a (branch b has its own module with the roles swapped):
     W^a   = softmax over the two modalities (fc(gap(U_own + U_other)))      shape (B, 2, C), sums to 1 per channel
     F_a^  = W^a[:, 0] * U_own + W^a[:, 1] * U_other               the emphasised features that go to decoder a
 
-psi1 is a 3x3(x3) convolution, psi2 a 3x3(x3) convolution with dilation 2 ("multiple convolutional layers with
+psi1 is a convolution with the stage's planned kernel (3x3(x3); (1, 3, 3) in an anisotropic stage), psi2 the same
+kernel with dilation 2 ("multiple convolutional layers with
 different receptive fields"), as in selective-kernel attention; fc is a squeeze (C -> max(C/4, 16), ReLU) and an
 excitation to 2C logits.
 
 Position (not stated in the paper): by default at the bottleneck, the deepest encoder features that enter each
 decoder (``mae_position='bottleneck'``); ``'all_skips'`` applies one module pair at every skip connection.
 """
+from typing import Sequence, Union
+
 import torch
 from torch import nn
+
+from nnunetv2_smms.architectures.fusion import same_padding
 
 
 class ModalityAwareEnhancement(nn.Module):
     def __init__(self, conv_op, channels: int, norm_op, norm_op_kwargs: dict = None, reduction: int = 4,
-                 min_hidden: int = 16):
+                 min_hidden: int = 16, kernel_size: Union[int, Sequence[int]] = 3):
         super().__init__()
         norm_op_kwargs = norm_op_kwargs or {}
-        self.psi_own = nn.Sequential(conv_op(channels, channels, kernel_size=3, padding=1),
+        k = kernel_size if isinstance(kernel_size, int) else [int(x) for x in kernel_size]
+        self.psi_own = nn.Sequential(conv_op(channels, channels, kernel_size=k, padding=same_padding(k)),
                                      norm_op(channels, **norm_op_kwargs), nn.ReLU(inplace=True))
-        self.psi_other = nn.Sequential(conv_op(channels, channels, kernel_size=3, padding=2, dilation=2),
+        self.psi_other = nn.Sequential(conv_op(channels, channels, kernel_size=k, padding=same_padding(k, 2),
+                                               dilation=2),
                                        norm_op(channels, **norm_op_kwargs), nn.ReLU(inplace=True))
         hidden = max(channels // reduction, min_hidden)
         self.squeeze = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True))

@@ -2,7 +2,8 @@
 
     f_ab = sigmoid(conv2(conv1(cat(f_a, f_b))))
 
-conv1/conv2 are 3x3(x3) convolutions (stride 1, padding 1), each followed by PReLU and normalization.
+conv1/conv2 are convolutions with the stage's planned kernel (3x3x3 as in the paper; (1, 3, 3) in an anisotropic
+stage; stride 1, "same" padding), each followed by PReLU and normalization, in that order.
 
 Cost: at the paper's kernel size MMF adds three 3x3x3 convolutions of the stage's width per stage it fuses (conv1
 reads both branches), at the full resolution too; that is about a third more convolution work than the two
@@ -21,8 +22,17 @@ Where the paper is silent, and what we chose:
 - The modulated features are also the skip connections of the decoders, so each decoder sees the shared
   low-level features too.
 """
+from typing import Sequence, Union
+
 import torch
 from torch import nn
+
+
+def same_padding(kernel_size, dilation: int = 1):
+    """Padding that keeps the spatial size for an odd kernel (an int or one per axis)."""
+    if isinstance(kernel_size, int):
+        return dilation * (kernel_size // 2)
+    return [dilation * (k // 2) for k in kernel_size]
 
 
 def inject_fusion(features: torch.Tensor, fused: torch.Tensor, mode: str) -> torch.Tensor:
@@ -38,10 +48,12 @@ def inject_fusion(features: torch.Tensor, fused: torch.Tensor, mode: str) -> tor
 
 
 class MultiModalFusion(nn.Module):
-    def __init__(self, conv_op, channels: int, norm_op, norm_op_kwargs: dict = None, kernel_size: int = 3):
+    def __init__(self, conv_op, channels: int, norm_op, norm_op_kwargs: dict = None,
+                 kernel_size: Union[int, Sequence[int]] = 3):
         super().__init__()
         norm_op_kwargs = norm_op_kwargs or {}
-        pad = kernel_size // 2
+        kernel_size = kernel_size if isinstance(kernel_size, int) else [int(k) for k in kernel_size]
+        pad = same_padding(kernel_size)
         self.conv1 = conv_op(2 * channels, channels, kernel_size=kernel_size, stride=1, padding=pad)
         self.act1 = nn.PReLU(channels)
         self.norm1 = norm_op(channels, **norm_op_kwargs)

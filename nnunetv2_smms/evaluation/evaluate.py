@@ -240,14 +240,14 @@ def predict_model(model: Model, images_folder: str, cases: Sequence[str], output
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnunetv2_smms.architectures import has_branches, set_output_branch
-    from nnunetv2_smms.ext_trainer_dir import ext_trainer_env
+    from nnunetv2_smms.ext_trainer_dir import ext_trainers_visible
 
-    os.environ["nnUNet_extTrainer"] = ext_trainer_env()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     predictor = nnUNetPredictor(use_mirroring=use_tta, perform_everything_on_device=device == "cuda",
                                 device=torch.device(device), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(model.folder, use_folds=folds, checkpoint_name=checkpoint)
+    with ext_trainers_visible():
+        predictor.initialize_from_trained_model_folder(model.folder, use_folds=folds, checkpoint_name=checkpoint)
     dataset_json = predictor.dataset_json
     file_ending = dataset_json["file_ending"]
     inputs = [case_images(images_folder, c, file_ending, len(dataset_json["channel_names"])) for c in cases]

@@ -6,8 +6,6 @@ p_a, p_b are the two branches' probabilities (softmax; sigmoid for nnU-Net's reg
 sg() stops the gradient: each branch's prediction is a fixed pseudo-label for the other. ||.||^2 is the mean
 squared error over batch, classes and voxels. Computed on the highest-resolution output only.
 """
-import math
-
 import torch
 from torch import nn
 
@@ -24,10 +22,3 @@ class MutualLearningLoss(nn.Module):
         p_a, p_b = self.probabilities(logits_a.float()), self.probabilities(logits_b.float())
         return torch.mean((p_a - p_b.detach()) ** 2) + torch.mean((p_b - p_a.detach()) ** 2)
 
-
-def unsupervised_weight(alpha: float, epoch: int, rampup_epochs: int) -> float:
-    """alpha, optionally ramped up with the sigmoid schedule exp(-5 (1 - t)^2) over the first epochs."""
-    if rampup_epochs <= 0:
-        return alpha
-    t = min(max(epoch, 0), rampup_epochs) / rampup_epochs
-    return alpha * math.exp(-5.0 * (1.0 - t) ** 2)

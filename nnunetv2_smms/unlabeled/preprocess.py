@@ -82,13 +82,14 @@ def collect_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict
 # keys of a resolved configuration that do not change how a case is preprocessed: configurations that differ
 # only in these (e.g. `nnunetv2_smms plan-gpu`'s 3d_fullres_smms_12GB, which inherits 3d_fullres and keeps its
 # data_identifier) share one unlabeled folder and one stamp
-NOT_PREPROCESSING_KEYS = ("smms", "smms_gpu_plan", "patch_size", "batch_size", "architecture", "inherits_from")
+NOT_PREPROCESSING_KEYS = ("smms", "semi_supervised", "smms_gpu_plan", "patch_size", "batch_size", "architecture",
+                          "inherits_from")
 
 
 def plans_hash(plans: dict, configuration_name: str, dataset_json: dict) -> str:
-    """Hash of what determines preprocessing: the resolved configuration (without our own 'smms' entry and the
-    training-only keys patch_size, batch_size, architecture), the intensity properties, transpose and reader, and
-    the dataset's channels."""
+    """Hash of what determines preprocessing: the resolved configuration (without the settings trainers record,
+    'smms' and 'semi_supervised', and the training-only keys patch_size, batch_size, architecture), the intensity
+    properties, transpose and reader, and the dataset's channels."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     cfg = dict(PlansManager(plans).get_configuration(configuration_name).configuration)
     for key in NOT_PREPROCESSING_KEYS:
@@ -161,8 +162,10 @@ def stamp_status(folder: str, expected_hash: str, listing: Optional[dict]) -> st
 
 
 def check_unlabeled_ready(dataset_name: str, preprocessed_dataset_folder: str, raw_dataset_folder: Optional[str],
-                          plans: dict, configuration: str, dataset_json: dict, plans_identifier: str) -> str:
-    """The unlabeled folder to train from; raises UnlabeledDataError naming the fixing command otherwise."""
+                          plans: dict, configuration: str, dataset_json: dict, plans_identifier: str,
+                          supervised_alternative: str = "nnUNetTrainer") -> str:
+    """The unlabeled folder to train from; raises UnlabeledDataError naming the fixing command otherwise
+    (and, when there are no unlabeled cases at all, the trainer to use without them)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
     folder = unlabeled_folder(preprocessed_dataset_folder, data_identifier)
@@ -176,7 +179,7 @@ def check_unlabeled_ready(dataset_name: str, preprocessed_dataset_folder: str, r
             raise UnlabeledDataError(
                 f"No unlabeled cases for {dataset_name}: put them in "
                 f"{os.path.join(raw_dataset_folder, RAW_FOLDER)} (CASE_0000{dataset_json['file_ending']}, ...), "
-                f"then run: {cmd}. To train without unlabeled data use nnUNetTrainerSMMS_MMF_MAE (no MCML).")
+                f"then run: {cmd}. To train without unlabeled data use {supervised_alternative}.")
         raise UnlabeledDataError(f"The unlabeled cases of {dataset_name} are not preprocessed for configuration "
                                  f"{configuration!r} ({folder} missing). Run: {cmd}")
     if status != "ok":
