@@ -42,3 +42,44 @@ def test_bad_splits_are_clear_errors(dataset_json, override, message, monkeypatc
         resolve_channel_split(dataset_json, override)
     if "branch" in message or "unknown" in message:
         assert "nnUNet_smms_channel_split" in str(e.value) or "channels are" in str(e.value)
+
+
+def test_legacy_modality_key_and_error_locations(monkeypatch):
+    from nnunetv2_smms.architectures.config import branch_channel_names
+    assert resolve_channel_split({"modality": {"0": "CT", "1": "MR"}}) == ([0], [1])
+    with pytest.raises(ChannelSplitError, match=r"nnUNet_smms_channel_split='T1\|T1'"):
+        resolve_channel_split(BRATS4, "T1|T1")
+    with pytest.raises(ChannelSplitError, match=r"dataset.json 'smms' branch_a: unknown channel 'PD'"):
+        resolve_channel_split(dict(BRATS4, smms={"branch_a": ["PD"], "branch_b": [2]}))
+    with pytest.raises(ChannelSplitError, match="dataset.json 'smms': needs both"):
+        resolve_channel_split(dict(BRATS4, smms={"branch_b": [2]}))
+    with pytest.raises(ChannelSplitError, match=r"branch a lists a channel twice: \[0, 0\]"):
+        resolve_channel_split(BRATS4, "0,0|1")
+    with pytest.raises(ChannelSplitError, match=r"branch b lists a channel twice"):
+        resolve_channel_split(BRATS4, "0|1,1")
+    with pytest.raises(ChannelSplitError, match="index 4 out of range"):
+        resolve_channel_split(BRATS4, "0|4")
+    assert resolve_channel_split(BRATS4, "0|3") == ([0], [3])
+    assert branch_channel_names(BRATS4, [0, 1]) == "T1+T1ce" and branch_channel_names(BRATS4, [7]) == "7"
+
+
+def test_build_from_configuration_reads_the_recorded_settings():
+    from types import SimpleNamespace
+
+    from nnunetv2_smms.architectures import SMMSNetworkConfig, build_from_configuration
+    from test_network import PLAIN, REQ_IMPORT, arch_kwargs
+    cfg = SMMSNetworkConfig(channels_a=[1], channels_b=[0], mmf_mode="add", mmf_kernel_size=1, dropout_p=0.25)
+
+    def manager(settings):
+        return SimpleNamespace(configuration={"smms": settings} if settings else {},
+                               network_arch_class_name=PLAIN, network_arch_init_kwargs=arch_kwargs(3, 3),
+                               network_arch_init_kwargs_req_import=REQ_IMPORT)
+    net = build_from_configuration(manager(cfg.to_dict()), 2, 3, deep_supervision=False)
+    assert net.channels_a == [1] and net.channels_b == [0] and net.mmf_mode == "add"
+    assert net.mmf[0].conv1.kernel_size == (1, 1, 1) and net.dropout.p == 0.25 and net.output_branch == "fused"
+    assert net.branch_a.decoder.deep_supervision is False
+    assert build_from_configuration(manager(cfg.to_dict()), 2, 3, output_branch="b").output_branch == "b"
+    with pytest.raises(RuntimeError, match="carry no SMMS settings"):
+        build_from_configuration(manager(None), 2, 3)
+    with pytest.raises(ValueError, match="needs channel 1"):
+        build_from_configuration(manager(cfg.to_dict()), 1, 3)

@@ -100,8 +100,11 @@ def test_stale_or_missing_unlabeled_data_names_the_fix(prepared_dataset, tmp_pat
     shutil.rmtree(raw_copy / "imagesUnlabeled")
     empty_pre = tmp_path / "pre"
     empty_pre.mkdir()
-    with pytest.raises(UnlabeledDataError, match="No unlabeled cases.*nnUNetTrainerSMMS_MMF_MAE"):
-        check_unlabeled_ready(name, str(empty_pre), str(raw_copy), plans, "3d_fullres", ds_json, "nnUNetPlans")
+    with pytest.raises(UnlabeledDataError, match="No unlabeled cases.*use nnUNetTrainerSMMS_MMF_MAE"):
+        check_unlabeled_ready(name, str(empty_pre), str(raw_copy), plans, "3d_fullres", ds_json, "nnUNetPlans",
+                              supervised_alternative="nnUNetTrainerSMMS_MMF_MAE")
+    from nnunetv2_smms.trainers import nnUNetTrainerSMMS  # what the SMMS trainers name
+    assert "nnUNetTrainerSMMS_MMF_MAE" in nnUNetTrainerSMMS.supervised_only_alternative
 
 
 def test_cli_reports_corrupt_file_and_leaves_nothing_half_written(prepared_dataset, tmp_path):
