@@ -79,7 +79,7 @@ def dataset_id(fraction):
     return {5: 621, 10: 622}[fraction]
 
 
-def prepare(root: Path, split: dict, fractions, spacing=SPACING, cases_limit=None) -> dict:
+def prepare(root: Path, split: dict, fractions, spacing=SPACING) -> dict:
     """Write, plan and preprocess one dataset per fraction (once; marked done), fix batch and patch."""
     env = nnunet_env(root)
     datasets = {}

@@ -2,7 +2,6 @@
 between the sessions that have the time (protocol) or the GPU (suite) to run them for real."""
 import json
 import sys
-from pathlib import Path
 
 from conftest import REPO, nnunet_env, run
 
