@@ -7,7 +7,6 @@ there would be a new class object at every lookup (and not pickle). ``ext_traine
 single module that only re-exports the trainer classes with absolute imports from this installed package:
 the class nnU-Net finds is the very object a normal ``import`` gives.
 """
-import contextlib
 import os
 
 TRAINER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ext_trainers")
@@ -24,19 +23,11 @@ def ext_trainer_env(existing: str = None) -> str:
     return os.pathsep.join([TRAINER_DIR] + parts)
 
 
-@contextlib.contextmanager
 def ext_trainers_visible():
-    """nnUNet_extTrainer names our folder inside the block only (nnU-Net reads it when it looks a trainer up,
-    e.g. in nnUNetPredictor.initialize_from_trained_model_folder); the process's variable is restored after."""
-    old = os.environ.get("nnUNet_extTrainer")
-    os.environ["nnUNet_extTrainer"] = ext_trainer_env(old or "")
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("nnUNet_extTrainer", None)
-        else:
-            os.environ["nnUNet_extTrainer"] = old
+    """A context in which nnUNet_extTrainer names our folder (nnU-Net reads it when it looks a trainer up, e.g. in
+    nnUNetPredictor.initialize_from_trained_model_folder); the process's variable is restored after."""
+    from nnunetv2_smms.settings import temporary_env
+    return temporary_env("nnUNet_extTrainer", ext_trainer_env())
 
 
 def _run(args) -> int:

@@ -11,6 +11,7 @@ built from its constructor arguments alone).
 | nnUNet_smms_seed | trainers | seed Python, NumPy and torch at start-up |
 | nnUNet_smms_output_branch | prediction only (build_network_architecture) | fused / a / b: what an SMMS network returns |
 """
+import contextlib
 import os
 from typing import Optional
 
@@ -68,3 +69,18 @@ def output_branch() -> Optional[str]:
     if value is not None and value not in ("fused", "a", "b"):
         raise SettingsError(f"{OUTPUT_BRANCH}={value!r}: use fused, a or b")
     return value
+
+
+@contextlib.contextmanager
+def temporary_env(name: str, value: str):
+    """Set one environment variable inside the block only (nnU-Net reads some settings from the environment at
+    call time, e.g. nnUNet_extTrainer, nnUNet_n_proc_DA); the previous value, or its absence, is restored."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old

@@ -40,7 +40,8 @@ class DualBranchUNet(nn.Module):
         conv_op, norm_op, norm_kwargs = enc.conv_op, enc.norm_op, enc.norm_op_kwargs
         features = list(enc.output_channels)
         n_stages = len(features)
-        kernels = [list(k) if isinstance(k, (list, tuple)) else k for k in enc.kernel_sizes]  # per stage, planned
+        # per stage, as planned: an int or one int per axis
+        kernels = [[int(x) for x in k] if isinstance(k, (list, tuple)) else int(k) for k in enc.kernel_sizes]
         init = InitWeights_He(1e-2)
 
         self.mmf_stages = min(config.mmf_stages, n_stages - 1) if config.mmf else 0

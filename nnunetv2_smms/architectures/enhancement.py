@@ -27,7 +27,7 @@ class ModalityAwareEnhancement(nn.Module):
                  min_hidden: int = 16, kernel_size: Union[int, Sequence[int]] = 3):
         super().__init__()
         norm_op_kwargs = norm_op_kwargs or {}
-        k = kernel_size if isinstance(kernel_size, int) else [int(x) for x in kernel_size]
+        k = kernel_size
         self.psi_own = nn.Sequential(conv_op(channels, channels, kernel_size=k, padding=same_padding(k)),
                                      norm_op(channels, **norm_op_kwargs), nn.ReLU(inplace=True))
         self.psi_other = nn.Sequential(conv_op(channels, channels, kernel_size=k, padding=same_padding(k, 2),

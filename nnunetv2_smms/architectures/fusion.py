@@ -52,7 +52,6 @@ class MultiModalFusion(nn.Module):
                  kernel_size: Union[int, Sequence[int]] = 3):
         super().__init__()
         norm_op_kwargs = norm_op_kwargs or {}
-        kernel_size = kernel_size if isinstance(kernel_size, int) else [int(k) for k in kernel_size]
         pad = same_padding(kernel_size)
         self.conv1 = conv_op(2 * channels, channels, kernel_size=kernel_size, stride=1, padding=pad)
         self.act1 = nn.PReLU(channels)

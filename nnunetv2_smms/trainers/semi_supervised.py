@@ -33,7 +33,6 @@ A method is a subclass that fills hooks:
   ``recorded_settings()``                 -> {plans key: dict} that must match on resume
 Extra state (an EMA teacher) belongs in modules of the network: nnU-Net's checkpoint carries network_weights.
 """
-import contextlib
 import math
 import os
 import random
@@ -69,21 +68,6 @@ def rampup_weight(weight: float, progress: float, rampup: float) -> float:
         return weight
     t = min(max(progress, 0.0), rampup) / rampup
     return weight * math.exp(-5.0 * (1.0 - t) ** 2)
-
-
-@contextlib.contextmanager
-def _n_proc_da(n: int):
-    """nnU-Net's get_dataloaders reads its worker count from nnUNet_n_proc_DA: give it its share of the budget
-    while it starts its workers, and restore the variable afterwards."""
-    old = os.environ.get("nnUNet_n_proc_DA")
-    os.environ["nnUNet_n_proc_DA"] = str(n)
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["nnUNet_n_proc_DA"]
-        else:
-            os.environ["nnUNet_n_proc_DA"] = old
 
 
 def full_resolution(output):
@@ -155,7 +139,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         n_unlabeled = budget // 2
         # checked before nnU-Net starts its workers: a missing/stale unlabeled folder stops at once
         self.dataloader_unlabeled = self.get_unlabeled_dataloader(n_unlabeled)
-        with _n_proc_da(budget - n_unlabeled):
+        # nnU-Net's get_dataloaders reads its worker count from nnUNet_n_proc_DA: give it the rest of the budget
+        with settings.temporary_env("nnUNet_n_proc_DA", str(budget - n_unlabeled)):
             return super().get_dataloaders()
 
     def global_unlabeled_batch_size(self) -> int:
@@ -393,10 +378,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
 
     def on_epoch_end(self):
         g = self.logger.get_value
-        log = self.logger.local_logger.my_fantastic_logging
-        parts = [f"{k[len('train_'):]} {g(k, -1):.4f}" for k in log if k.startswith("train_loss_")]
-        parts += [f"pseudo dice{k[len('mean_fg_dice'):].replace('_', ' ')} {g(k, -1):.4f}" for k in log
-                  if k.startswith("mean_fg_dice_")]
+        keys = self.logger.local_logger.extra_keys
+        parts = [f"{k[len('train_'):]} {g(k, -1):.4f}" for k in keys("train_loss_")]
+        parts += [f"pseudo dice{k[len('mean_fg_dice'):].replace('_', ' ')} {g(k, -1):.4f}" for k in keys("mean_fg_dice_")]
         if self.uses_unlabeled:
             parts.append(f"unsup weight {g('unsup_weight', -1):.3g}")
         if g("skipped_steps", -1):
