@@ -3,7 +3,6 @@ the unsupervised term moves the weights (weight 0 vs default) and its ramp-up is
 augmented by nnU-Net's transforms and changes from step to step; validation scores the fused output and each branch
 from its own output; every Table-2 ablation trainer builds exactly its modules and trains; the output-branch
 variable never reaches training. In-process trainers on the session's prepared synthetic dataset."""
-import itertools
 import math
 
 import numpy as np
@@ -11,19 +10,8 @@ import pytest
 import torch
 
 from conftest import make_trainer
+from _step_helpers import step_update as _step_update
 from nnunetv2_smms.architectures import unwrap
-
-
-def _step_update(trainer, batch, unlabeled, weights, optimizer, **attrs):
-    """The parameter change of one train_step from the same weights, optimizer state and batches."""
-    trainer.network.load_state_dict(weights)
-    trainer.optimizer.load_state_dict(optimizer)
-    for k, v in attrs.items():
-        setattr(trainer, k, v)
-    trainer._iteration = 0
-    trainer.dataloader_unlabeled = itertools.repeat(unlabeled)
-    out = trainer.train_step(batch)
-    return out, torch.cat([(p.detach() - weights[n]).flatten() for n, p in trainer.network.named_parameters()])
 
 
 @pytest.fixture(scope="module")

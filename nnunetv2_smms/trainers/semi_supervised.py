@@ -30,6 +30,7 @@ A method is a subclass that fills hooks:
   ``validation_outputs(data, target)``    -> (loss, {"": predicting output, "_x": other outputs})
   ``build_network_architecture``          -> the network; in eval mode it returns the ONE tensor that predicts
   ``after_optimizer_step()``              -> after every optimizer step (not after skipped ones)
+  ``clip_gradients()``                    -> gradient clipping (default: nnU-Net's, all parameters, norm 12)
   ``recorded_settings()``                 -> {plans key: dict} that must match on resume
 Extra state (an EMA teacher) belongs in modules of the network: nnU-Net's checkpoint carries network_weights.
 """
@@ -199,6 +200,11 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     def after_optimizer_step(self) -> None:
         pass
 
+    def clip_gradients(self) -> None:
+        """Gradient-norm clipping before the optimizer step (nnU-Net's: all parameters together); a method with
+        two networks in one module can clip each on its own."""
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.gradient_clip)
+
     def ddp_anchor(self, outputs) -> torch.Tensor:
         """0 x the outputs a loss leaves unused: under DDP (find_unused_parameters=False, as nnU-Net wraps the
         network) every parameter needs a gradient, even a zero one, in every synchronised backward."""
@@ -292,11 +298,11 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
 
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.gradient_clip)
+            self.clip_gradients()
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.gradient_clip)
+            self.clip_gradients()
             self.optimizer.step()
         self.after_optimizer_step()
         return {k: v.detach().cpu().numpy() for k, v in terms.items()} | {"skipped": np.array(0.0)}
