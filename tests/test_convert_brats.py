@@ -11,7 +11,8 @@ import SimpleITK as sitk
 
 from nnunetv2_smms.cli import main
 from nnunetv2_smms.dataset_conversion import brats
-from nnunetv2_smms.dataset_conversion.common import ConversionError, make_split
+from nnunetv2_smms.dataset_conversion.checks import ConversionError
+from nnunetv2_smms.dataset_conversion.splits import make_split
 
 from _conversion_helpers import (BRATS18, BRATS18_MISSING, assert_nothing_written, brats_source,
                                  replace_image, run_subcommand)

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunetv2_smms.dataset_conversion import ct_mr
-from nnunetv2_smms.dataset_conversion.common import ConversionError
+from nnunetv2_smms.dataset_conversion.checks import ConversionError
 
 from _conversion_helpers import (ELLIPSOIDS, assert_nothing_written, euler_transform,
                                  make_phantom_patient, registration_error, run_subcommand, write_dicom_series)

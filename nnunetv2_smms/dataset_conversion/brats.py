@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
-from nnunetv2_smms.dataset_conversion.common import (
-    FILE_ENDING, LAYOUT, Amount, ConversionError, add_output_arguments, add_split_arguments, check_complete,
-    check_label_values, check_same_grid, collect, exclude_cases, prepare_target, read_grid, read_image,
-    resolve_split, run_cli, smms_branches, split_kwargs, subfolders, write_dataset)
+from nnunetv2_smms.dataset_conversion.arguments import add_output_arguments, add_split_arguments, run_cli, split_kwargs
+from nnunetv2_smms.dataset_conversion.checks import (ConversionError, check_complete, check_label_values,
+                                                     check_same_grid, collect, exclude_cases, read_grid, read_image,
+                                                     subfolders)
+from nnunetv2_smms.dataset_conversion.layout import FILE_ENDING, LAYOUT, smms_branches
+from nnunetv2_smms.dataset_conversion.splits import Amount, resolve_split
+from nnunetv2_smms.dataset_conversion.writing import prepare_target, write_dataset
 from nnunetv2_smms.errors import cli_command
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")

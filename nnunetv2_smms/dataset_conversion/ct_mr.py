@@ -11,10 +11,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
-from nnunetv2_smms.dataset_conversion.common import (
-    FILE_ENDING, LAYOUT, Amount, CaseRejected, ConversionError, Grid, add_output_arguments, add_split_arguments,
-    check_label_values, check_same_grid, collect, exclude_cases, grid_of, prepare_target, read_grid, read_image,
-    reason, resolve_split, run_cli, smms_branches, split_kwargs, subfolders, write_dataset)
+from nnunetv2_smms.dataset_conversion.arguments import add_output_arguments, add_split_arguments, run_cli, split_kwargs
+from nnunetv2_smms.dataset_conversion.checks import (CaseRejected, ConversionError, Grid, check_label_values,
+                                                     check_same_grid, collect, exclude_cases, grid_of, read_grid,
+                                                     read_image, reason, subfolders)
+from nnunetv2_smms.dataset_conversion.layout import FILE_ENDING, LAYOUT, smms_branches
+from nnunetv2_smms.dataset_conversion.splits import Amount, resolve_split
+from nnunetv2_smms.dataset_conversion.writing import prepare_target, write_dataset
 from nnunetv2_smms.errors import cli_command
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
