@@ -13,9 +13,10 @@ SUBCOMMAND_MODULES = (
     "nnunetv2_smms.unlabeled.preprocess",
     "nnunetv2_smms.demo",
     "nnunetv2_smms.evaluation.evaluate",
+    "nnunetv2_smms.compare",
     "nnunetv2_smms.dataset_conversion.brats",
     "nnunetv2_smms.dataset_conversion.ct_mr",
-    "nnunetv2_smms.dataset_conversion.common",
+    "nnunetv2_smms.dataset_conversion.arguments",
     "nnunetv2_smms.planning",
 )
 

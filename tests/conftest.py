@@ -54,6 +54,17 @@ def prepare_synthetic(root: Path, dataset_id=DATASET_ID, name="SMMSTest", shape=
 
 @pytest.fixture(scope="session")
 def prepared_dataset(tmp_path_factory) -> dict:
+    """The tiny synthetic dataset, planned and preprocessed (labeled + unlabeled). For development only:
+    SMMS_TEST_DATASET_CACHE=DIR reuses one prepared in DIR by an earlier run (never set in CI)."""
+    cache = os.environ.get("SMMS_TEST_DATASET_CACHE")
+    if cache:
+        cache = Path(cache)
+        if (cache / "prepared.ok").is_file():
+            return {"root": cache, "raw": cache / "raw" / f"Dataset{DATASET_ID:03d}_SMMSTest",
+                    "env": nnunet_env(cache)}
+        prepared = prepare_synthetic(cache)
+        (cache / "prepared.ok").write_text("ok")
+        return prepared
     return prepare_synthetic(tmp_path_factory.mktemp("smms_prepared"))
 
 

@@ -1,0 +1,99 @@
+"""`nnunetv2_smms compare` on the prepared synthetic dataset with two cheap trainers (plain nnU-Net through
+nnUNetTrainerLabeledOnly, and a two-branch trainer without unlabeled data): one table with both rows and the
+per-branch columns; run again, nothing is retrained or re-predicted; an interrupted run resumes with --c; a
+schedule that differs from a finished run's, or a trainer that ignores the schedule, is refused."""
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import DATASET_ID, run, smms_cli
+
+TRAINERS = ("nnUNetTrainerLabeledOnly", "nnUNetTrainerSMMS_MMF_MAE")
+SCHEDULE = ("--epochs", "1", "--iterations-per-epoch", "2", "--val-iterations", "1")
+
+
+def compare_cmd(raw, out, *extra, trainers=TRAINERS, schedule=SCHEDULE):
+    return smms_cli("compare", "-d", DATASET_ID, "-c", "3d_fullres", "-f", "0", "-tr", *trainers,
+                    "-i", raw / "imagesTs", "-r", raw / "labelsTs", "-o", out, *schedule, "--device", "cpu",
+                    "--disable-tta", *extra)
+
+
+def fold_folder(results, raw, trainer):
+    return results / raw.name / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+
+
+@pytest.fixture(scope="module")
+def compared(prepared_dataset, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    env = dict(prepared_dataset["env"], nnUNet_results=str(tmp / "results"))
+    out = tmp / "out"
+    first = run(compare_cmd(prepared_dataset["raw"], out), env)
+    return {"env": env, "out": out, "results": tmp / "results", "raw": prepared_dataset["raw"], "first": first}
+
+
+def test_one_table_with_every_trainer_and_its_outputs(compared):
+    out, raw = compared["out"], compared["raw"]
+    table = (out / "table.md").read_text(encoding="utf-8")
+    rows = [line for line in table.splitlines() if line.startswith("| nnUNetTrainer")]
+    assert [r.split("|")[1].strip() for r in rows] == list(TRAINERS)
+    header = next(line for line in table.splitlines() if line.startswith("| Method"))
+    # the two-branch model has a column per branch (named after the modalities) and the fused one
+    for column in ("DSC (%) fused", "ASD (mm) fused", "DSC (%) CoreMod", "DSC (%) RimMod"):
+        assert column in header, (column, header)
+    plain = rows[0].split("|")
+    assert plain.count(" - ") >= 2 or sum(c.strip() == "-" for c in plain) >= 2, "plain nnU-Net has no branches"
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert set(summary["results"]) == set(TRAINERS)
+    assert summary["settings"]["schedule"] == {"epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1}
+    n_test = len(os.listdir(raw / "labelsTs"))
+    fused = summary["results"]["nnUNetTrainerSMMS_MMF_MAE"]["fused"]["1"]
+    assert fused["n_cases"] == n_test and 0.0 <= fused["dice"]["mean"] <= 1.0
+    for t in TRAINERS:
+        assert (out / "logs" / f"{t}.log").is_file()
+        assert (fold_folder(compared["results"], raw, t) / "checkpoint_final.pth").is_file()
+    assert (out / "figures" / "dice_boxplot.png").stat().st_size > 0
+    assert "training runs" in compared["first"].stdout
+
+
+def test_run_again_retrains_and_repredicts_nothing(compared):
+    out, raw, results = compared["out"], compared["raw"], compared["results"]
+    checkpoints = {t: (fold_folder(results, raw, t) / "checkpoint_final.pth").stat().st_mtime_ns for t in TRAINERS}
+    predictions = {p: p.stat().st_mtime_ns for p in (out / "predictions").rglob("*.nii.gz")}
+    table = (out / "table.md").read_text(encoding="utf-8")
+    again = run(compare_cmd(raw, out), compared["env"])
+    for t in TRAINERS:
+        assert f"{t}: trained" in again.stdout and f"{t}: predictions up to date" in again.stdout
+        assert (fold_folder(results, raw, t) / "checkpoint_final.pth").stat().st_mtime_ns == checkpoints[t]
+    assert {p: p.stat().st_mtime_ns for p in (out / "predictions").rglob("*.nii.gz")} == predictions
+    assert (out / "table.md").read_text(encoding="utf-8") == table
+
+
+def test_an_interrupted_run_resumes_with_continue_and_is_predicted_again(compared):
+    out, raw, results = compared["out"], compared["raw"], compared["results"]
+    trainer = TRAINERS[0]
+    fold = fold_folder(results, raw, trainer)
+    # an interrupted run: only checkpoint_latest.pth (here: the finished state, so --c trains no more epochs)
+    shutil.move(fold / "checkpoint_final.pth", fold / "checkpoint_latest.pth")
+    again = run(compare_cmd(raw, out), compared["env"])
+    assert f"resuming {trainer}" in again.stdout
+    assert "--c" in (out / "logs" / f"{trainer}.log").read_text(encoding="utf-8")
+    assert (fold / "checkpoint_final.pth").is_file()
+    assert f"{trainer}: predictions up to date" not in again.stdout  # a new checkpoint: predicted again
+    assert f"{TRAINERS[1]}: predictions up to date" in again.stdout
+
+
+def test_another_schedule_than_a_finished_run_is_refused(compared):
+    p = run(compare_cmd(compared["raw"], compared["out"], schedule=("--epochs", "3")), compared["env"],
+            expect_ok=False)
+    assert p.returncode == 2
+    assert "another schedule" in p.stderr and "--epochs 3 requested, the run has 1" in p.stderr
+
+
+def test_a_trainer_that_ignores_the_schedule_is_refused(compared, tmp_path):
+    p = run(compare_cmd(compared["raw"], tmp_path, trainers=("nnUNetTrainer",)), compared["env"], expect_ok=False)
+    assert p.returncode == 2 and "nnUNetTrainerLabeledOnly" in p.stderr
+    p = run(compare_cmd(compared["raw"], tmp_path, trainers=("nnUNetTrainerNoSuchThing",)), compared["env"],
+            expect_ok=False)
+    assert p.returncode == 2 and "nnUNetTrainerNoSuchThing not found" in p.stderr
