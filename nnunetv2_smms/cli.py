@@ -14,6 +14,7 @@ SUBCOMMAND_MODULES = (
     "nnunetv2_smms.demo",
     "nnunetv2_smms.evaluation.evaluate",
     "nnunetv2_smms.compare",
+    "nnunetv2_smms.inference.predict",
     "nnunetv2_smms.dataset_conversion.brats",
     "nnunetv2_smms.dataset_conversion.ct_mr",
     "nnunetv2_smms.dataset_conversion.arguments",

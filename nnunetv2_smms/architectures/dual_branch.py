@@ -66,6 +66,14 @@ class DualBranchUNet(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------
     def split_input(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        needed = max(self.channels_a + self.channels_b) + 1
+        if x.shape[1] < needed:
+            # nnUNetv2_predict reads only the files a case has: a missing modality arrives as a missing channel
+            raise ValueError(
+                f"the SMMS network got {x.shape[1]} input channel(s), its branches read channels a={self.channels_a}"
+                f" and b={self.channels_b}: a case probably lacks a modality's file (CASE_XXXX). Predict such cases "
+                f"with 'nnunetv2_smms predict' (same options as nnUNetv2_predict): it predicts them with the branch "
+                f"of the modality that is present.")
         return x[:, self.channels_a], x[:, self.channels_b]
 
     def encode(self, x_a: torch.Tensor, x_b: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
@@ -131,7 +139,10 @@ def unwrap(network: nn.Module) -> nn.Module:
 
 
 def has_branches(network: nn.Module) -> bool:
-    return isinstance(unwrap(network), DualBranchUNet)
+    """Whether the network has one output per modality (an SMMS dual-branch network, or any network with
+    ``forward_branches`` and an ``output_branch`` switch, e.g. CMC's)."""
+    mod = unwrap(network)
+    return hasattr(mod, "forward_branches") and hasattr(mod, "output_branch")
 
 
 def set_output_branch(network: nn.Module, branch: str) -> None:
@@ -139,6 +150,6 @@ def set_output_branch(network: nn.Module, branch: str) -> None:
     if branch not in OUTPUT_BRANCHES:
         raise ValueError(f"branch must be one of {OUTPUT_BRANCHES}, got {branch!r}")
     mod = unwrap(network)
-    if not isinstance(mod, DualBranchUNet):
-        raise TypeError(f"{type(mod).__name__} is not an SMMS dual-branch network; it has no branches")
+    if not has_branches(mod):
+        raise TypeError(f"{type(mod).__name__} is not a network with one branch per modality; it has no branches")
     mod.output_branch = branch

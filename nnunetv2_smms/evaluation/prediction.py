@@ -30,7 +30,7 @@ def predict_model(model: Model, images_folder: str, cases: Sequence[str], output
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunetv2_smms.architectures import has_branches, set_output_branch
+    from nnunetv2_smms.architectures import has_branches, set_output_branch, unwrap
     from nnunetv2_smms.ext_trainer_dir import ext_trainers_visible
 
     if device == "auto":
@@ -44,7 +44,11 @@ def predict_model(model: Model, images_folder: str, cases: Sequence[str], output
     inputs = [case_images(images_folder, c, file_ending, len(dataset_json["channel_names"])) for c in cases]
 
     if has_branches(predictor.network):
-        name_a, name_b = branch_names(predictor.configuration_manager.configuration, dataset_json)
+        configuration = dict(predictor.configuration_manager.configuration)
+        network = unwrap(predictor.network)
+        if "smms" not in configuration and hasattr(network, "channels_a"):  # a branch network of another method
+            configuration["smms"] = {"channels_a": network.channels_a, "channels_b": network.channels_b}
+        name_a, name_b = branch_names(configuration, dataset_json)
         outputs = [(name_a, "a"), (name_b, "b"), (FUSED, "fused")]
     else:
         outputs = [(FUSED, None)]
