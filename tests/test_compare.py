@@ -1,7 +1,8 @@
-"""`nnunetv2_smms compare` on the prepared synthetic dataset with two cheap trainers (plain nnU-Net through
-nnUNetTrainerLabeledOnly, and a two-branch trainer without unlabeled data): one table with both rows and the
-per-branch columns; run again, nothing is retrained or re-predicted; an interrupted run resumes with --c; a
-schedule that differs from a finished run's, or a trainer that ignores the schedule, is refused."""
+"""`nnunetv2_smms compare` on the prepared synthetic dataset with every comparison trainer of the plugin (the
+end-to-end smoke test of each: trained through nnUNetv2_train, predicted through nnU-Net's predictor, evaluated;
+the trainers with a wrapper network also through nnUNetv2_predict): one table with every row and the per-branch
+columns of the multi-modal ones; run again, nothing is retrained or re-predicted; an interrupted run resumes with
+--c; a schedule that differs from a finished run's, or a trainer that ignores the schedule, is refused."""
 import json
 import os
 import shutil
@@ -10,7 +11,12 @@ import pytest
 
 from conftest import DATASET_ID, run, smms_cli
 
-TRAINERS = ("nnUNetTrainerLabeledOnly", "nnUNetTrainerSMMS_MMF_MAE")
+from nnunetv2_smms.trainers import TABLE1_TRAINERS  # noqa: E402
+
+# SMMS itself has its own end-to-end tests (test_end_to_end.py); here a cheaper two-branch variant stands in for it
+TRAINERS = tuple(t.__name__ for t in TABLE1_TRAINERS if t.__name__ != "nnUNetTrainerSMMS") + (
+    "nnUNetTrainerSMMS_MMF_MAE",)
+WRAPPER_NETWORKS = ("nnUNetTrainerMeanTeacher", "nnUNetTrainerCPS", "nnUNetTrainerCMC")
 SCHEDULE = ("--epochs", "1", "--iterations-per-epoch", "2", "--val-iterations", "1")
 
 
@@ -39,11 +45,13 @@ def test_one_table_with_every_trainer_and_its_outputs(compared):
     rows = [line for line in table.splitlines() if line.startswith("| nnUNetTrainer")]
     assert [r.split("|")[1].strip() for r in rows] == list(TRAINERS)
     header = next(line for line in table.splitlines() if line.startswith("| Method"))
-    # the two-branch model has a column per branch (named after the modalities) and the fused one
+    # the two-branch models have a column per branch (named after the modalities) and the fused one
     for column in ("DSC (%) fused", "ASD (mm) fused", "DSC (%) CoreMod", "DSC (%) RimMod"):
         assert column in header, (column, header)
     plain = rows[0].split("|")
-    assert plain.count(" - ") >= 2 or sum(c.strip() == "-" for c in plain) >= 2, "plain nnU-Net has no branches"
+    assert sum(c.strip() == "-" for c in plain) >= 2, "plain nnU-Net has no branches"
+    two_branch = rows[-1].split("|")
+    assert sum(c.strip() == "-" for c in two_branch) == 0, "the two-branch model has every column"
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert set(summary["results"]) == set(TRAINERS)
     assert summary["settings"]["schedule"] == {"epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1}
@@ -55,6 +63,20 @@ def test_one_table_with_every_trainer_and_its_outputs(compared):
         assert (fold_folder(compared["results"], raw, t) / "checkpoint_final.pth").is_file()
     assert (out / "figures" / "dice_boxplot.png").stat().st_size > 0
     assert "training runs" in compared["first"].stdout
+
+
+@pytest.mark.parametrize("trainer", WRAPPER_NETWORKS)
+def test_nnunetv2_predict_loads_the_wrapper_network(compared, trainer, tmp_path):
+    """nnUNetv2_predict itself (not only the predictor compare uses) on a model whose network holds more than one
+    model: the output has the geometry of the image."""
+    import SimpleITK as sitk
+    raw = compared["raw"]
+    run(["nnUNetv2_predict", "-i", raw / "imagesTs", "-o", tmp_path, "-d", DATASET_ID, "-c", "3d_fullres", "-f", "0",
+         "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], compared["env"])
+    for label in sorted((raw / "labelsTs").iterdir()):
+        pred, ref = sitk.ReadImage(str(tmp_path / label.name)), sitk.ReadImage(str(label))
+        assert pred.GetSize() == ref.GetSize() and pred.GetSpacing() == ref.GetSpacing()
+        assert pred.GetOrigin() == ref.GetOrigin() and pred.GetDirection() == ref.GetDirection()
 
 
 def test_run_again_retrains_and_repredicts_nothing(compared):

@@ -1,0 +1,80 @@
+"""The paper's Table 1 on real data: `nnunetv2_smms compare` with every semi-supervised trainer of the plugin on
+the real-data CPU protocol of bench_accuracy_2d.py (22 BraTS 2018 cases, T1ce + T2, whole tumour, 2 mm, nnU-Net
+`2d`, the same fixed split, 5 % = 2 labeled cases + 11 unlabeled, 8 test cases, batch and patch of the
+labeled-only plan, 600 iterations for every trainer).
+
+    python benchmarks/bench_compare_2d.py [--root DIR] [--seed 0] [--trainers T1,T2,...] [--dry-run]
+
+Resumable (it is `compare`: finished runs are kept, an interrupted one continues with --c). Writes
+benchmarks/results/compare_2d_seed<S>.json (compare's summary + the table) and prints the table. One seed per
+call; the runs of the protocol itself (bench_accuracy_2d.py) are separate and not reused, so that every row here
+comes from the same command.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine_info, nnunet_env, smms_cli, write_result  # noqa: E402
+from bench_accuracy_2d import CONFIG, ITERS_PER_EPOCH, all_cases, dataset_id, fixed_split, prepare  # noqa: E402
+
+FRACTION = 5
+
+
+def default_trainers():
+    from nnunetv2_smms.trainers import TABLE1_TRAINERS
+    return [t.__name__ for t in TABLE1_TRAINERS]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", default=None,
+                   help="work folder (kept; resumable); default ../smms_bench_2d, shared with bench_accuracy_2d.py's "
+                        "prepared datasets; --dry-run needs its own")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trainers", default=None, help="comma-separated (default: the Table 1 trainers)")
+    p.add_argument("--iterations", type=int, default=600)
+    p.add_argument("--val-iterations", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dry-run", action="store_true", help="8 mm, 4 iterations, two trainers (the code path only)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    trainers = args.trainers.split(",") if args.trainers else default_trainers()
+    spacing = (2.0, 2.0, 2.0)
+    if args.dry_run:
+        spacing, args.iterations, args.val_iterations = (8.0, 8.0, 8.0), 4, 1
+        trainers = trainers if args.trainers else ["nnUNetTrainerLabeledOnly", "nnUNetTrainerMeanTeacher"]
+    if args.root is None:
+        if args.dry_run:
+            p.error("--dry-run needs its own --root (the prepared datasets there are 8 mm)")
+        args.root = str(Path(__file__).resolve().parents[2] / "smms_bench_2d")
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    split = fixed_split(all_cases())
+    raw = prepare(root, split, [FRACTION], spacing)[FRACTION]
+    out = root / f"compare_seed{args.seed}"
+    env = nnunet_env(root, nnUNet_results=root / "compare_results")
+    t0 = time.perf_counter()
+    # compare prints its progress (runs, training logs in OUT/logs) straight to this terminal
+    subprocess.run([str(c) for c in smms_cli("compare", "-d", dataset_id(FRACTION), "-c", CONFIG, "-f", "0", "-tr", *trainers,
+                      "-i", raw / "imagesTs", "-r", raw / "labelsTs", "-o", out,
+                      "--epochs", max(1, args.iterations // ITERS_PER_EPOCH),
+                      "--iterations-per-epoch", min(args.iterations, ITERS_PER_EPOCH),
+                      "--val-iterations", args.val_iterations, "--seed", args.seed, "--device", args.device,
+                      "--disable-tta", "-np", "1")], env=env, check=True)
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    table = (out / "table.md").read_text(encoding="utf-8")
+    result = {"benchmark": "compare_2d", "machine": machine_info(), "split": split, "fraction": FRACTION,
+              "seed": args.seed, "iterations": args.iterations, "trainers": trainers, "spacing_mm": spacing,
+              "wall_seconds": round(time.perf_counter() - t0, 1), "table_md": table, "summary": summary}
+    write_result(Path(args.out) if args.out else RESULTS / (
+        "compare_2d_dry_run.json" if args.dry_run else f"compare_2d_seed{args.seed}.json"), result)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
