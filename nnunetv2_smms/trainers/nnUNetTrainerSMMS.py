@@ -104,6 +104,8 @@ class nnUNetTrainerSMMS(nnUNetTrainerSemiSupervised):
     def drop_modalities(self, data: torch.Tensor) -> torch.Tensor:
         """The batch with one branch's input set to 0 in about modality_dropout_p of its samples (p = 0: the batch
         itself, no random numbers drawn)."""
+        if not self.modality_dropout_p:
+            return data
         return drop_modalities(data, self.smms_config.channels_a, self.smms_config.channels_b,
                                self.modality_dropout_p)[0]
 
