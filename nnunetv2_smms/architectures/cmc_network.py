@@ -39,6 +39,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
 from nnunetv2_smms.architectures.config import OUTPUT_BRANCHES
+from nnunetv2_smms.architectures.dual_branch import DualBranchUNet
 
 
 @dataclass
@@ -176,11 +177,7 @@ class CMCNetwork(nn.Module):
         out_a, out_b, _, _ = self.forward_features(x)
         return out_a, out_b
 
-    @staticmethod
-    def fuse(out_a, out_b):
-        if isinstance(out_a, (list, tuple)):
-            return [(a + b) / 2 for a, b in zip(out_a, out_b)]
-        return (out_a + out_b) / 2
+    fuse = staticmethod(DualBranchUNet.fuse)  # the mean of the two outputs' logits, as the SMMS network
 
     def forward(self, x: torch.Tensor):
         if self.training:
