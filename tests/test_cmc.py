@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_trainer
-from _step_helpers import step_update
+from _step_helpers import step_update, started_trainer, fixed_step_inputs
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunetv2_smms.architectures import unwrap
@@ -214,18 +213,13 @@ def test_two_dimensional_and_unequal_modalities():
 # ------------------------------------------------------------------------------------------------ the trainer
 @pytest.fixture(scope="module")
 def cmc_trainer(prepared_dataset, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    t = make_trainer(prepared_dataset, mp, tmp_path_factory.mktemp("cmc_trainer"), trainer="nnUNetTrainerCMC")
-    yield t
-    t.on_train_end()
-    mp.undo()
+    with started_trainer(prepared_dataset, tmp_path_factory, "nnUNetTrainerCMC") as t:
+        yield t
 
 
 @pytest.fixture(scope="module")
 def fixed_step(cmc_trainer):
-    t = cmc_trainer
-    return (next(t.dataloader_train), next(t.dataloader_unlabeled),
-            {k: v.clone() for k, v in t.network.state_dict().items()}, t.optimizer.state_dict())
+    return fixed_step_inputs(cmc_trainer)
 
 
 def test_trainer_defaults_and_recorded_settings(cmc_trainer):

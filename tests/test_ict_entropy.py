@@ -12,17 +12,11 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
 from conftest import make_trainer
+from _step_helpers import fixed_step_inputs, started_trainer
 from test_mean_teacher import grads, lagging_teacher, updates
 from nnunetv2_smms.architectures.ema_teacher import EMATeacherNetwork
 from nnunetv2_smms.trainers.entropy_min import normalised_entropy
 from nnunetv2_smms.trainers.ict import UnlabeledBatchTooSmallError
-
-
-def _trainer_fixture(prepared_dataset, tmp_path_factory, name):
-    mp = pytest.MonkeyPatch()
-    t = make_trainer(prepared_dataset, mp, tmp_path_factory.mktemp(name), trainer=name)
-    t.network.train()
-    return t, mp
 
 
 def _fresh_network_loads_and_returns_one_tensor(t, expected_model=None):
@@ -43,19 +37,17 @@ def _fresh_network_loads_and_returns_one_tensor(t, expected_model=None):
 # ==================================================================================================== ICT
 @pytest.fixture(scope="module")
 def ict_trainer(prepared_dataset, tmp_path_factory):
-    t, mp = _trainer_fixture(prepared_dataset, tmp_path_factory, "nnUNetTrainerICT")
-    yield t
-    t.on_train_end()
-    mp.undo()
+    with started_trainer(prepared_dataset, tmp_path_factory, "nnUNetTrainerICT") as t:
+        t.network.train()
+        yield t
 
 
 @pytest.fixture(scope="module")
 def ict_step(ict_trainer):
-    t = ict_trainer
     torch.manual_seed(0)
-    weights = lagging_teacher(t.network.state_dict())
+    weights = lagging_teacher(ict_trainer.network.state_dict())
     weights["ema_updates"].fill_(1000)
-    return next(t.dataloader_train), next(t.dataloader_unlabeled), weights, t.optimizer.state_dict()
+    return fixed_step_inputs(ict_trainer, weights)
 
 
 def test_ict_defaults_are_ssl4mis(ict_trainer):
@@ -176,17 +168,14 @@ def test_normalised_entropy_and_its_gradient_match_the_hand_formula(use_sigmoid)
 
 @pytest.fixture(scope="module")
 def em_trainer(prepared_dataset, tmp_path_factory):
-    t, mp = _trainer_fixture(prepared_dataset, tmp_path_factory, "nnUNetTrainerEntropyMin")
-    yield t
-    t.on_train_end()
-    mp.undo()
+    with started_trainer(prepared_dataset, tmp_path_factory, "nnUNetTrainerEntropyMin") as t:
+        t.network.train()
+        yield t
 
 
 @pytest.fixture(scope="module")
 def em_step(em_trainer):
-    t = em_trainer
-    return (next(t.dataloader_train), next(t.dataloader_unlabeled),
-            {k: v.clone() for k, v in t.network.state_dict().items()}, t.optimizer.state_dict())
+    return fixed_step_inputs(em_trainer)
 
 
 def test_entropy_on_all_is_one_pass_over_labeled_and_unlabeled_cases(em_trainer, em_step):

@@ -11,8 +11,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from conftest import make_trainer
-from _step_helpers import step_update
+from _step_helpers import fixed_step_inputs, started_trainer, step_update
 from nnunetv2_smms.architectures.ema_teacher import EMATeacherNetwork
 from nnunetv2_smms.trainers.mean_teacher import SETTINGS_KEY, recorded_method_settings
 
@@ -99,21 +98,17 @@ def test_eval_mode_returns_the_predicting_model_and_deep_supervision_reaches_bot
 # ---------------------------------------------------------------------------------------------------- the trainer
 @pytest.fixture(scope="module")
 def mt_trainer(prepared_dataset, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    t = make_trainer(prepared_dataset, mp, tmp_path_factory.mktemp("mt_trainer"), trainer="nnUNetTrainerMeanTeacher")
-    t.network.train()
-    yield t
-    t.on_train_end()
-    mp.undo()
+    with started_trainer(prepared_dataset, tmp_path_factory, "nnUNetTrainerMeanTeacher") as t:
+        t.network.train()
+        yield t
 
 
 @pytest.fixture(scope="module")
 def fixed_step(mt_trainer):
-    t = mt_trainer
     torch.manual_seed(0)
-    weights = lagging_teacher(t.network.state_dict())
+    weights = lagging_teacher(mt_trainer.network.state_dict())
     weights["ema_updates"].fill_(1000)  # late in training: alpha = ema_decay
-    return next(t.dataloader_train), next(t.dataloader_unlabeled), weights, t.optimizer.state_dict()
+    return fixed_step_inputs(mt_trainer, weights)
 
 
 def test_defaults_are_ssl4mis(mt_trainer):

@@ -11,23 +11,20 @@ import torch
 
 from conftest import make_trainer
 from _step_helpers import step_update as _step_update
+from _step_helpers import fixed_step_inputs, started_trainer
 from nnunetv2_smms.architectures import unwrap
 
 
 @pytest.fixture(scope="module")
 def smms_trainer(prepared_dataset, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    t = make_trainer(prepared_dataset, mp, tmp_path_factory.mktemp("smms_trainer"))
-    unwrap(t.network).dropout = torch.nn.Identity()  # the same forward in every repetition of the step
-    yield t
-    mp.undo()
+    with started_trainer(prepared_dataset, tmp_path_factory) as t:
+        unwrap(t.network).dropout = torch.nn.Identity()  # the same forward in every repetition of the step
+        yield t
 
 
 @pytest.fixture(scope="module")
 def fixed_step(smms_trainer):
-    t = smms_trainer
-    return (next(t.dataloader_train), next(t.dataloader_unlabeled),
-            {k: v.clone() for k, v in t.network.state_dict().items()}, t.optimizer.state_dict())
+    return fixed_step_inputs(smms_trainer)
 
 
 def test_unsupervised_term_changes_the_update(smms_trainer, fixed_step):

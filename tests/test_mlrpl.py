@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_trainer
+from _step_helpers import started_trainer
 from nnunetv2_smms.architectures.dual_branch import unwrap
 from nnunetv2_smms.architectures.two_decoders import InterpolationUpsampling
 from nnunetv2_smms.trainers.mlrpl import (class_prototypes, entropy, prototype_similarity, reliability_weights,
@@ -120,11 +120,8 @@ def test_interpolation_upsampling_is_nearest_then_convolution():
 # ---------------------------------------------------------------------------------------------------- trainer
 @pytest.fixture(scope="module")
 def mlrpl_trainer(prepared_dataset, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    t = make_trainer(prepared_dataset, mp, tmp_path_factory.mktemp("mlrpl"), trainer="nnUNetTrainerMLRPL")
-    yield t
-    t.on_train_end()
-    mp.undo()
+    with started_trainer(prepared_dataset, tmp_path_factory, "nnUNetTrainerMLRPL") as t:
+        yield t
 
 
 def test_two_decoders_differ_in_upsampling_and_expose_full_resolution_features(mlrpl_trainer):

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_trainer
-from _step_helpers import step_update
+from _step_helpers import step_update, started_trainer, fixed_step_inputs
 from nnunetv2_smms.architectures import DualBranchUNet, unwrap
 from nnunetv2_smms.trainers.mmcml import (area_similarity, area_similarity_contrastive, foreground_maps,
                                           moving_average, prel_loss, soft_kl)
@@ -90,18 +89,13 @@ def test_moving_average_of_the_validation_dice():
 # ------------------------------------------------------------------------------------------------ the trainer
 @pytest.fixture(scope="module")
 def mmcml_trainer(prepared_dataset, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    t = make_trainer(prepared_dataset, mp, tmp_path_factory.mktemp("mmcml_trainer"), trainer="nnUNetTrainerMMCML")
-    yield t
-    t.on_train_end()
-    mp.undo()
+    with started_trainer(prepared_dataset, tmp_path_factory, "nnUNetTrainerMMCML") as t:
+        yield t
 
 
 @pytest.fixture(scope="module")
 def fixed_step(mmcml_trainer):
-    t = mmcml_trainer
-    return (next(t.dataloader_train), next(t.dataloader_unlabeled),
-            {k: v.clone() for k, v in t.network.state_dict().items()}, t.optimizer.state_dict())
+    return fixed_step_inputs(mmcml_trainer)
 
 
 def test_network_is_two_decoupled_branches(mmcml_trainer):

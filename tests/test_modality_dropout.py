@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_trainer
-from _step_helpers import step_update
+from _step_helpers import step_update, started_trainer, fixed_step_inputs
 from nnunetv2_smms.trainers.modality_dropout import DROPPED_A, DROPPED_B, KEPT, drop_modalities
 from nnunetv2_smms.trainers.recorded_settings import SettingsMismatchError
 
@@ -59,18 +58,13 @@ def test_off_returns_the_batch_and_draws_no_random_numbers():
 
 @pytest.fixture(scope="module")
 def trainer(prepared_dataset, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    t = make_trainer(prepared_dataset, mp, tmp_path_factory.mktemp("modality_dropout"))
-    yield t
-    t.on_train_end()
-    mp.undo()
+    with started_trainer(prepared_dataset, tmp_path_factory) as t:
+        yield t
 
 
 @pytest.fixture(scope="module")
 def fixed_step(trainer):
-    t = trainer
-    return (next(t.dataloader_train), next(t.dataloader_unlabeled),
-            {k: v.clone() for k, v in t.network.state_dict().items()}, t.optimizer.state_dict())
+    return fixed_step_inputs(trainer)
 
 
 def _seeded_update(t, fixed_step, **attrs):

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_trainer
-from _step_helpers import step_update
+from _step_helpers import step_update, started_trainer
 from nnunetv2_smms.architectures.dual_branch import unwrap
 from nnunetv2_smms.trainers.cps import cross_pseudo_supervision
 from nnunetv2_smms.trainers.urpc import rectified_pyramid_consistency, upsample_logits
@@ -92,11 +91,8 @@ def test_urpc_pyramid_is_interpolated_to_full_resolution():
 
 @pytest.fixture(scope="module")
 def urpc_trainer(prepared_dataset, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    t = make_trainer(prepared_dataset, mp, tmp_path_factory.mktemp("urpc"), trainer="nnUNetTrainerURPC")
-    yield t
-    t.on_train_end()
-    mp.undo()
+    with started_trainer(prepared_dataset, tmp_path_factory, "nnUNetTrainerURPC") as t:
+        yield t
 
 
 def test_urpc_term_on_the_deep_supervision_outputs_moves_the_weights(urpc_trainer):
@@ -150,11 +146,8 @@ def test_cps_loss_matches_a_hand_computation():
 
 @pytest.fixture(scope="module")
 def cps_trainer(prepared_dataset, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    t = make_trainer(prepared_dataset, mp, tmp_path_factory.mktemp("cps"), trainer="nnUNetTrainerCPS")
-    yield t
-    t.on_train_end()
-    mp.undo()
+    with started_trainer(prepared_dataset, tmp_path_factory, "nnUNetTrainerCPS") as t:
+        yield t
 
 
 def test_cps_pseudo_labels_carry_no_gradient(cps_trainer):
