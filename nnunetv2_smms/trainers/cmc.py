@@ -49,6 +49,7 @@ from nnunetv2_smms import settings
 from nnunetv2_smms.architectures import resolve_channel_split, unwrap
 from nnunetv2_smms.architectures.cmc_network import CMCNetworkConfig, build_cmc_network
 from nnunetv2_smms.architectures.config import branch_channel_names
+from nnunetv2_smms.trainers.recorded_settings import with_method_settings
 from nnunetv2_smms.trainers.semi_supervised import full_resolution, nnUNetTrainerSemiSupervised
 
 CSC_ROWS = ("voxels", "released")
@@ -158,13 +159,9 @@ class nnUNetTrainerCMC(nnUNetTrainerSemiSupervised):
 
     def recorded_settings(self):
         """The network settings (read back by build_network_architecture at prediction time) and the loss
-        settings, inside the base trainer's 'semi_supervised' entry (plans['configurations'][c]
-        ['semi_supervised']['cmc']): a key of its own would count as a preprocessing change for the unlabeled
-        data's stamp (unlabeled/preprocess.py NOT_PREPROCESSING_KEYS)."""
-        recorded = super().recorded_settings()
-        recorded["semi_supervised"] = dict(recorded["semi_supervised"], cmc={
+        settings, under semi_supervised.cmc (recorded_settings.with_method_settings)."""
+        return with_method_settings(super().recorded_settings(), "cmc", {
             "network": self.cmc_config.to_dict(), "losses": self.loss_settings()})
-        return recorded
 
     # ------------------------------------------------------------------------------------------------ network
     @staticmethod

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from nnunetv2_smms.architectures.dual_branch import unwrap
 from nnunetv2_smms.architectures.two_networks import SECOND_INITS, build_two_networks
+from nnunetv2_smms.trainers.recorded_settings import with_method_settings
 from nnunetv2_smms.trainers.semi_supervised import full_resolution, nnUNetTrainerSemiSupervised
 
 
@@ -68,12 +69,8 @@ class nnUNetTrainerCPS(nnUNetTrainerSemiSupervised):
         self.use_sigmoid = self.label_manager.has_regions
 
     def recorded_settings(self):
-        """Inside the base's 'semi_supervised' entry: a plans key of its own would count as a preprocessing change
-        for the unlabeled data's stamp (unlabeled/preprocess.py NOT_PREPROCESSING_KEYS)."""
-        recorded = super().recorded_settings()
-        method = {"second_network_init": self.second_network_init, "cps_on_labeled": bool(self.cps_on_labeled)}
-        recorded["semi_supervised"] = dict(recorded["semi_supervised"], cps=method)
-        return recorded
+        return with_method_settings(super().recorded_settings(), "cps", {
+            "second_network_init": self.second_network_init, "cps_on_labeled": bool(self.cps_on_labeled)})
 
     # ------------------------------------------------------------------------------------------------ network
     @staticmethod

@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nnunetv2_smms.trainers.mean_teacher import with_method_settings
+from nnunetv2_smms.trainers.recorded_settings import with_method_settings
 from nnunetv2_smms.trainers.semi_supervised import full_resolution, nnUNetTrainerSemiSupervised
 
 ENTROPY_ON = ("all", "unlabeled")

@@ -24,7 +24,8 @@ from torch import distributed as dist
 
 from nnunetv2_smms.errors import SMMSUserError
 from nnunetv2_smms.settings import UNLABELED_BATCH_SIZE
-from nnunetv2_smms.trainers.mean_teacher import nnUNetTrainerMeanTeacher, with_method_settings
+from nnunetv2_smms.trainers.mean_teacher import nnUNetTrainerMeanTeacher
+from nnunetv2_smms.trainers.recorded_settings import with_method_settings
 
 PAIRINGS = ("shift", "permutation")
 

@@ -28,22 +28,13 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_smms.architectures.dual_branch import unwrap
 from nnunetv2_smms.architectures.ema_teacher import EMATeacherNetwork
+from nnunetv2_smms.trainers.recorded_settings import recorded_method_settings, with_method_settings
 from nnunetv2_smms.trainers.semi_supervised import full_resolution, nnUNetTrainerSemiSupervised
 
 # recorded in plans['configurations'][c]['semi_supervised'][SETTINGS_KEY]: inside the base trainer's key because the
 # unlabeled folder's preprocessing stamp (unlabeled/preprocess.py NOT_PREPROCESSING_KEYS) ignores only the base's
 # and SMMS's keys; a key of its own would mark the preprocessed unlabeled cases stale
 SETTINGS_KEY = "ema_teacher"
-
-
-def recorded_method_settings(configuration: dict, key: str):
-    """A method's settings as a trainer recorded them in a configuration of the plans (None if absent)."""
-    return configuration.get("semi_supervised", {}).get(key)
-
-
-def with_method_settings(recorded: dict, key: str, settings: dict) -> dict:
-    """``recorded`` (a recorded_settings() result) with ``settings`` added under semi_supervised[key]."""
-    return recorded | {"semi_supervised": recorded["semi_supervised"] | {key: settings}}
 
 
 def probabilities(logits: torch.Tensor, use_sigmoid: bool) -> torch.Tensor:

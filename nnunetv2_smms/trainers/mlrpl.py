@@ -44,6 +44,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
 from nnunetv2_smms.architectures.dual_branch import unwrap
 from nnunetv2_smms.architectures.two_decoders import UPSAMPLINGS, build_two_decoder_network
+from nnunetv2_smms.trainers.recorded_settings import with_method_settings
 from nnunetv2_smms.trainers.semi_supervised import full_resolution, nnUNetTrainerSemiSupervised
 
 DEFAULT_NETWORK = {"decoder2_upsampling": "nearest", "feature_dropout": 0.5, "bottleneck_dropout": 0.5}
@@ -114,11 +115,7 @@ class nnUNetTrainerMLRPL(nnUNetTrainerSemiSupervised):
                              "pass over labeled + unlabeled cases joined (separate_unlabeled_pass = False)")
 
     def recorded_settings(self):
-        """Inside the base's 'semi_supervised' entry: a plans key of its own would count as a preprocessing change
-        for the unlabeled data's stamp (unlabeled/preprocess.py NOT_PREPROCESSING_KEYS)."""
-        recorded = super().recorded_settings()
-        recorded["semi_supervised"] = dict(recorded["semi_supervised"], mlrpl=self.method_settings())
-        return recorded
+        return with_method_settings(super().recorded_settings(), "mlrpl", self.method_settings())
 
     def method_settings(self) -> dict:
         return {"decoder2_upsampling": self.decoder2_upsampling, "feature_dropout": float(self.feature_dropout),

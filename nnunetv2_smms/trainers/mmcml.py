@@ -54,6 +54,7 @@ from nnunetv2_smms.architectures import SMMSNetworkConfig, build_from_configurat
 from nnunetv2_smms.architectures.config import branch_channel_names
 from nnunetv2_smms.architectures.dual_branch import DualBranchUNet, set_output_branch
 from nnunetv2_smms.trainers.mutual_learning import MutualLearningLoss
+from nnunetv2_smms.trainers.recorded_settings import with_method_settings
 from nnunetv2_smms.trainers.semi_supervised import full_resolution, nnUNetTrainerSemiSupervised
 
 PREL_STRONGER = ("val_dice", "entropy")
@@ -188,11 +189,8 @@ class nnUNetTrainerMMCML(nnUNetTrainerSemiSupervised):
 
     def recorded_settings(self):
         """The network under the plugin's dual-branch key 'smms' (read by build_from_configuration at prediction
-        time and by the evaluation for the branch names), the loss settings inside the base's 'semi_supervised'
-        entry: a key of its own would count as a preprocessing change for the unlabeled data's stamp
-        (unlabeled/preprocess.py NOT_PREPROCESSING_KEYS)."""
-        recorded = super().recorded_settings()
-        recorded["semi_supervised"] = dict(recorded["semi_supervised"], mmcml=self.method_settings())
+        time and by the evaluation for the branch names), the loss settings under semi_supervised.mmcml."""
+        recorded = with_method_settings(super().recorded_settings(), "mmcml", self.method_settings())
         return recorded | {"smms": self.network_config.to_dict()}
 
     # ------------------------------------------------------------------------------------------------ network

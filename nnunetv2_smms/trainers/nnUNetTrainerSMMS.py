@@ -25,6 +25,7 @@ from nnunetv2_smms.architectures.config import branch_channel_names
 from nnunetv2_smms.architectures.dual_branch import DualBranchUNet, set_output_branch
 from nnunetv2_smms.trainers.modality_dropout import drop_modalities
 from nnunetv2_smms.trainers.mutual_learning import MutualLearningLoss
+from nnunetv2_smms.trainers.recorded_settings import with_method_settings
 from nnunetv2_smms.trainers.semi_supervised import full_resolution, nnUNetTrainerSemiSupervised
 
 
@@ -78,7 +79,7 @@ class nnUNetTrainerSMMS(nnUNetTrainerSemiSupervised):
         a resume with another p stops either way (trained with None vs. the dict, or the other way round)."""
         recorded = super().recorded_settings() | {"smms": self.smms_config.to_dict()}
         if self.modality_dropout_p > 0:
-            recorded["semi_supervised"] = dict(recorded["semi_supervised"], modality_dropout={
+            recorded = with_method_settings(recorded, "modality_dropout", {
                 "p": float(self.modality_dropout_p), "unlabeled": bool(self.modality_dropout_unlabeled)})
         return recorded
 

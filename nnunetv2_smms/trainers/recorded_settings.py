@@ -13,6 +13,19 @@ from typing import Dict
 from nnunetv2_smms.errors import SMMSUserError
 
 
+def recorded_method_settings(configuration: dict, key: str):
+    """A method's settings as a trainer recorded them in a configuration of the plans (None if absent). Methods
+    record theirs inside the base trainer's ``semi_supervised`` entry: the unlabeled folder's preprocessing stamp
+    (unlabeled/preprocess.py NOT_PREPROCESSING_KEYS) ignores only the base's and SMMS's keys, so a key of its own
+    would mark the preprocessed unlabeled cases stale."""
+    return configuration.get("semi_supervised", {}).get(key)
+
+
+def with_method_settings(recorded: dict, key: str, settings: dict) -> dict:
+    """``recorded`` (a recorded_settings() result) with ``settings`` added under semi_supervised[key]."""
+    return recorded | {"semi_supervised": recorded["semi_supervised"] | {key: settings}}
+
+
 class SettingsMismatchError(SMMSUserError, RuntimeError):
     pass
 

@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from nnunetv2_smms.trainers.recorded_settings import with_method_settings
 from nnunetv2_smms.trainers.semi_supervised import nnUNetTrainerSemiSupervised
 
 INTERPOLATIONS = ("linear", "nearest")
@@ -86,12 +87,8 @@ class nnUNetTrainerURPC(nnUNetTrainerSemiSupervised):
             raise ValueError("nnUNetTrainerURPC needs deep supervision and urpc_scales >= 2 (the pyramid)")
 
     def recorded_settings(self):
-        """Inside the base's 'semi_supervised' entry: a plans key of its own would count as a preprocessing change
-        for the unlabeled data's stamp (unlabeled/preprocess.py NOT_PREPROCESSING_KEYS)."""
-        recorded = super().recorded_settings()
-        method = {"scales": int(self.urpc_scales), "interpolation": self.urpc_interpolation}
-        recorded["semi_supervised"] = dict(recorded["semi_supervised"], urpc=method)
-        return recorded
+        return with_method_settings(super().recorded_settings(), "urpc", {
+            "scales": int(self.urpc_scales), "interpolation": self.urpc_interpolation})
 
     def unlabeled_losses(self, data):
         outputs = self.network(data)
