@@ -5,7 +5,8 @@ Each case holds one roughly ellipsoidal "lesion" with a core and a surrounding r
   not part of the target;
 - modality B ("RimMod") shows the rim bright and the core dark, plus its own distractor.
 The label is the whole lesion (core + rim, one class), so a model that sees one modality alone misses part of it
-or is fooled by that modality's distractor. Used by ``nnunetv2_smms demo`` and by the tests.
+or is fooled by that modality's distractor. ``core_label=True`` labels the rim 1 and the core 2 instead (two
+foreground labels; the images are the same). Used by ``nnunetv2_smms demo`` and by the tests.
 """
 import json
 from pathlib import Path
@@ -24,7 +25,7 @@ def _ellipsoid(shape, center, radii):
     return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, center, radii)) <= 1.0
 
 
-def make_case(rng: np.random.Generator, shape: Sequence[int]):
+def make_case(rng: np.random.Generator, shape: Sequence[int], core_label: bool = False):
     shape = tuple(int(s) for s in shape)
     s = np.array(shape, dtype=float)
     radii = rng.uniform(0.16, 0.26, 3) * s
@@ -53,7 +54,10 @@ def make_case(rng: np.random.Generator, shape: Sequence[int]):
     img_b[core] -= 0.5
     img_b[distractor()] += 1.6
     imgs = [np.where(body, np.clip(i, 0.01, None), 0).astype(np.float32) for i in (img_a, img_b)]
-    return imgs, (lesion & body).astype(np.uint8)
+    label = (lesion & body).astype(np.uint8)
+    if core_label:
+        label[core & body] = 2
+    return imgs, label
 
 
 def _write(arr: np.ndarray, path: Path, spacing):
@@ -64,8 +68,9 @@ def _write(arr: np.ndarray, path: Path, spacing):
 
 def make_synthetic_dataset(raw_root, dataset_id: int = 501, name: str = "SMMSDemo", n_labeled: int = 6,
                            n_unlabeled: int = 10, n_test: int = 4, shape=(40, 40, 40), spacing=(1.0, 1.0, 1.0),
-                           seed: int = 0, overwrite: bool = False) -> Path:
+                           seed: int = 0, overwrite: bool = False, core_label: bool = False) -> Path:
     """Write DatasetXXX_Name under raw_root (imagesTr/labelsTr, imagesUnlabeled, imagesTs/labelsTs, dataset.json).
+    ``core_label``: two foreground labels, rim 1 and core 2 (default: one, the whole lesion).
 
     The folder is staged and renamed into place (nnunetv2_smms.staging), so it is either complete or absent."""
     target = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
@@ -79,16 +84,17 @@ def make_synthetic_dataset(raw_root, dataset_id: int = 501, name: str = "SMMSDem
                   ("imagesTs", "labelsTs", "test", n_test))
         for img_dir, lab_dir, prefix, n in groups:
             for i in range(n):
-                imgs, lab = make_case(rng, shape)
+                imgs, lab = make_case(rng, shape, core_label)
                 cid = f"{prefix}_{i:03d}"
                 for c, im in enumerate(imgs):
                     _write(im, tmp / img_dir / f"{cid}_{c:04d}.nii.gz", spacing)
                 if lab_dir is not None:
                     _write(lab, tmp / lab_dir / f"{cid}.nii.gz", spacing)
-        dataset_json = {"channel_names": CHANNEL_NAMES, "labels": {"background": 0, "lesion": 1},
+        labels = {"background": 0, "rim": 1, "core": 2} if core_label else {"background": 0, "lesion": 1}
+        dataset_json = {"channel_names": CHANNEL_NAMES, "labels": labels,
                         "numTraining": n_labeled, "file_ending": ".nii.gz", "name": name,
                         "description": "nnunetv2_smms synthetic demo: core visible in channel 0, rim in channel 1; "
-                                       "label = core + rim",
+                                       + ("labels: rim 1, core 2" if core_label else "label = core + rim"),
                         "smms": {"branch_a": [0], "branch_b": [1]}}
         (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     return target
