@@ -8,7 +8,6 @@ predicts (one eval tensor, nnU-Net's number of classes, the checkpoint loads int
 nnUNetv2_train + nnUNetv2_predict end to end (light variant)."""
 import json
 import math
-import os
 from dataclasses import replace
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-from conftest import DATASET_ID, make_trainer, run
+from conftest import DATASET_ID, make_trainer, run, smms_cli
 from _step_helpers import fixed_step_inputs, step_update
 from nnunetv2_smms.architectures.dkuxnet import DKUXNet, DKUXNetConfig
 from nnunetv2_smms.architectures.dual_branch import unwrap
@@ -359,22 +358,22 @@ def test_trainer_checkpoint_loads_into_the_predictors_network(dk_trainer, tmp_pa
 
 # ================================================================================================== end to end
 def test_nnunetv2_train_and_predict_end_to_end(prepared_dataset, tmp_path):
-    """nnUNetv2_train -tr nnUNetTrainerDKUXNet_Light (CPU, 2 iterations; its final validation predicts with mirroring)
-    and nnUNetv2_predict on the test images.
-    The light variant is found through an extra nnUNet_extTrainer folder too (it works before and after it is
-    listed in nnunetv2_smms.trainers)."""
+    """nnunetv2_smms compare -tr nnUNetTrainerDKUXNet_Light (it trains through nnUNetv2_train - CPU, 2 iterations,
+    its final validation predicts with mirroring - predicts and evaluates: a row of compare's table), then
+    nnUNetv2_predict on the test images."""
     import SimpleITK as sitk
-    ext = tmp_path / "ext"
-    ext.mkdir()
-    (ext / "dkuxnet_light_ext.py").write_text("from nnunetv2_smms.trainers.dkuxnet import nnUNetTrainerDKUXNet_Light\n")
-    env = dict(prepared_dataset["env"], nnUNet_results=str(tmp_path / "results"), nnUNet_smms_epochs="1",
-               nnUNet_smms_iterations_per_epoch="2", nnUNet_smms_val_iterations="1",
-               nnUNet_extTrainer=prepared_dataset["env"]["nnUNet_extTrainer"] + os.pathsep + str(ext))
+    env = dict(prepared_dataset["env"], nnUNet_results=str(tmp_path / "results"))
     trainer, raw = "nnUNetTrainerDKUXNet_Light", prepared_dataset["raw"]
-    train = run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
+    run(smms_cli("compare", "-d", DATASET_ID, "-c", "3d_fullres", "-f", "0", "-tr", trainer,
+                         "-i", raw / "imagesTs", "-r", raw / "labelsTs", "-o", tmp_path / "compare", "--epochs", "1",
+                         "--iterations-per-epoch", "2", "--val-iterations", "1", "--device", "cpu",
+                         "--disable-tta"), env)
+    summary = json.loads((tmp_path / "compare" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["results"][trainer]["fused"]["1"]["n_cases"] == len(list((raw / "labelsTs").iterdir()))
     model = tmp_path / "results" / raw.name / f"{trainer}__nnUNetPlans__3d_fullres"
     assert (model / "fold_0" / "checkpoint_final.pth").is_file()
-    assert "loss_qdc_1" in train.stdout and "loss_segc_1" in train.stdout
+    log = next((model / "fold_0").glob("training_log_*.txt")).read_text(encoding="utf-8")
+    assert "loss_qdc_1" in log and "loss_segc_1" in log
     plans = json.loads((model / "plans.json").read_text(encoding="utf-8"))
     recorded = plans["configurations"]["3d_fullres"]["semi_supervised"]["dkuxnet"]["network"]
     assert recorded["num_queries"] == 16 and recorded["mask_stride"] == 2

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from _step_helpers import fixed_step_inputs, started_trainer, step_update
-from conftest import nnunet_env, prepare_synthetic, run
+from conftest import nnunet_env, prepare_synthetic, run, smms_cli
 from test_network import PLAIN, RESENC, REQ_IMPORT, arch_kwargs
 
 from nnunetv2_smms.architectures.cutmix import check_ratio, cube_mask, draw_ratio, mix, partner_index
@@ -453,13 +453,17 @@ def two_label_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("versemi_e2e")
     prepared = prepare_synthetic(root, dataset_id=E2E_ID, name="VerSemiTest", shape=(16, 16, 16), n_labeled=5,
                                  n_unlabeled=4, n_test=2, core_label=True)
-    env = nnunet_env(root, nnUNet_smms_epochs=1, nnUNet_smms_iterations_per_epoch=2, nnUNet_smms_val_iterations=1)
-    run(["nnUNetv2_train", E2E_ID, "3d_fullres", "0", "-tr", "nnUNetTrainerVerSemi", "-device", "cpu"], env)
+    env = nnunet_env(root)
+    raw = prepared["raw"]
+    # trained through compare (a row of its table; compare runs nnUNetv2_train with the schedule)
+    run(smms_cli("compare", "-d", E2E_ID, "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerVerSemi",
+                 "-i", raw / "imagesTs", "-r", raw / "labelsTs", "-o", root / "compare", "--epochs", "1",
+                 "--iterations-per-epoch", "2", "--val-iterations", "1", "--device", "cpu", "--disable-tta"), env)
     pred = root / "pred"
     run(["nnUNetv2_predict", "-i", prepared["raw"] / "imagesTs", "-o", pred, "-d", E2E_ID, "-c", "3d_fullres",
          "-f", "0", "-tr", "nnUNetTrainerVerSemi", "-device", "cpu", "--save_probabilities"], env)
     folder = root / "results" / prepared["raw"].name / "nnUNetTrainerVerSemi__nnUNetPlans__3d_fullres"
-    return {"folder": folder, "pred": pred, "raw": prepared["raw"]}
+    return {"folder": folder, "pred": pred, "raw": prepared["raw"], "compare": root / "compare"}
 
 
 @pytest.mark.slow
@@ -483,3 +487,6 @@ def test_train_and_predict_end_to_end_on_two_foreground_labels(two_label_model):
         probs = np.load(pred / f"{name}.npz")["probabilities"]
         assert probs.shape[0] == 3                                   # nnU-Net's labels: background, rim, core
         np.testing.assert_allclose(probs.sum(0), 1, atol=1e-4)
+    summary = json.loads((two_label_model["compare"] / "summary.json").read_text(encoding="utf-8"))
+    row = summary["results"]["nnUNetTrainerVerSemi"]["fused"]
+    assert set(row) >= {"1", "2"} and all(row[c]["n_cases"] == 2 for c in ("1", "2"))
