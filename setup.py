@@ -25,7 +25,7 @@ setup(
         "medpy>=0.5.2,<0.6",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "pytest-xdist"],
     },
     entry_points={"console_scripts": ["nnunetv2_smms=nnunetv2_smms.cli:main"]},
 )
