@@ -29,7 +29,7 @@ Where the source differs from nnU-Net, or is silent, and what we chose:
   encoder is shared. The source has one channel per modality.
 Parameter names do not depend on the deep-supervision flag.
 """
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import List
 
 import torch
@@ -38,12 +38,13 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
-from nnunetv2_smms.architectures.config import OUTPUT_BRANCHES
+from nnunetv2_smms.architectures.config import OUTPUT_BRANCHES, RecordedConfig
 from nnunetv2_smms.architectures.dual_branch import DualBranchUNet
 
 
 @dataclass
-class CMCNetworkConfig:
+class CMCNetworkConfig(RecordedConfig):
+    settings_name = "CMC network"
     channels_a: List[int] = field(default_factory=lambda: [0])
     channels_b: List[int] = field(default_factory=lambda: [1])
     attention: bool = True              # the source's MIA channel attention (gamma starts at 0)
@@ -61,16 +62,6 @@ class CMCNetworkConfig:
         if self.output_branch not in OUTPUT_BRANCHES:
             raise ValueError(f"output_branch must be one of {OUTPUT_BRANCHES}, got {self.output_branch!r}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CMCNetworkConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"Unknown CMC network settings {sorted(unknown)}. Was this model trained with a newer "
-                             f"nnunetv2_smms?")
-        return cls(**d)
 
 
 class ChannelAttention(nn.Module):

@@ -138,3 +138,20 @@ def resolve_channel_split(dataset_json: dict, override: str = None) -> Tuple[Lis
 def branch_channel_names(dataset_json: dict, channels: Sequence[int]) -> str:
     names = dataset_json.get("channel_names", {})
     return "+".join(str(names.get(str(c), c)) for c in channels)
+
+
+class RecordedConfig:
+    """to_dict / from_dict for a network-settings dataclass recorded in the plans; ``settings_name`` names it in
+    the error for keys this version does not know."""
+    settings_name = "network"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"Unknown {cls.settings_name} settings {sorted(unknown)}. Was this model trained with a "
+                             f"newer nnunetv2_smms?")
+        return cls(**d)

@@ -40,7 +40,7 @@ Outputs:
   This rule is ours (UNVERIFIED): the source evaluates each task's own binary output.
 Deep supervision: none (the source has none); ``set_deep_supervision(True)`` is an error.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -49,11 +49,14 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
+from nnunetv2_smms.architectures.config import RecordedConfig
+
 COMBINATIONS = ("one_minus_max", "zero_logit")
 
 
 @dataclass
-class DynamicHeadConfig:
+class DynamicHeadConfig(RecordedConfig):
+    settings_name = "VerSemi network"
     n_class_prompts: int = 1          # K: foreground labels (or regions) of the dataset
     regions: bool = False             # region-based dataset: eval returns the K region logits
     head_channels: int = 8            # the source's 8
@@ -85,16 +88,6 @@ class DynamicHeadConfig:
         """What nnU-Net expects of the eval output: K regions, or background + K labels."""
         return self.n_class_prompts if self.regions else self.n_class_prompts + 1
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DynamicHeadConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"Unknown VerSemi network settings {sorted(unknown)}. Was this model trained with a "
-                             f"newer nnunetv2_smms?")
-        return cls(**d)
 
 
 def combine_class_logits(class_logits: torch.Tensor, regions: bool = False,
