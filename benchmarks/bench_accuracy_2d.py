@@ -9,7 +9,11 @@ Resumable: every run (row x fraction x seed) lives in its own nnUNet_results fol
 once its evaluation exists; a killed run restarts from scratch (a half-trained model is never evaluated).
 Runs go in priority order (the question first: nnU-Net vs SMMS on the same labels), one at a time, and after
 each one the summary JSON (benchmarks/results/accuracy_2d.json), the table and the figures are rewritten, so a
-partial protocol is already readable. `--report-only` rewrites them from what is there.
+partial protocol is already readable. The report always covers every finished run under --root (of any rows,
+seeds and lengths, whatever this call's --rows); `--report-only` rewrites it from what is there.
+Runs with other --iterations than the default (e.g. the 2x length check, or `--iterations 2400 --rows nnU-Net`)
+are their own rows in the table, and `results/figures/accuracy_2d_length.png` draws test Dice against the
+number of training iterations for every row trained at more than one length.
 
 Data (fixed, written into the results): the 22 cases of ../shared/data/brats18 + brats18_more, shuffled once
 with seed 2026: 8 test, 14 training = 1 validation + 4 labeled (the 10 % fraction; its first 2 are the 5 %
@@ -337,9 +341,62 @@ def figures(records, out_dir: Path, stem: str):
     fig.tight_layout()
     fig.savefig(out_dir / f"{stem}_dice_box.png", dpi=90)
     plt.close(fig)
+    length_figure(records, out_dir, stem)
+
+
+def length_figure(records, out_dir: Path, stem: str):
+    """Fused test Dice (mean over the test cases; one point per seed, the line through the seed means) against
+    the number of training iterations, for every (fraction, row) trained at more than one length."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    points = {}  # (fraction, row) -> seed -> iterations -> mean fused test Dice
+    for r in records:
+        f = [m["dice"] * 100 for o, cs in r["per_case"].items() if output_key(o) == "fused" for m in cs.values()
+             if m["dice"] is not None]
+        if f:
+            points.setdefault((r["fraction"], r["row"]), {}).setdefault(r["seed"], {})[r["iterations"]] = np.mean(f)
+    points = {k: v for k, v in points.items() if len({i for by_its in v.values() for i in by_its}) > 1}
+    if not points:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    all_its = set()
+    for (fraction, row), by_seed in sorted(points.items(), key=lambda kv: (kv[0][0], list(ROWS).index(kv[0][1]))):
+        color = None
+        for seed, by_its in sorted(by_seed.items()):
+            its = sorted(by_its)
+            all_its.update(its)
+            line, = ax.plot(its, [by_its[i] for i in its], "o-", color=color, alpha=0.9 if len(its) > 1 else 0.4,
+                            label=f"{row}, {fraction} % labeled" if color is None else None)
+            color = line.get_color()
+            ax.annotate(f"s{seed}", (its[-1], by_its[its[-1]]), fontsize=6, color=color)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(all_its), [str(i) for i in sorted(all_its)])
+    ax.minorticks_off()
+    ax.set_xlabel("training iterations (each point a separate run with nnU-Net's poly LR over its length)")
+    ax.set_ylabel("fused test Dice % (mean over test cases)")
+    ax.set_title("test Dice vs training length (one line per seed, sN = seed N)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{stem}_length.png", dpi=90)
+    plt.close(fig)
+
+
+def finished_records(root: Path, records) -> list:
+    """`records` (this call's runs, in plan order) plus every other finished run of a known row under root/runs,
+    so that a call with a few --rows rewrites the report of the whole work folder, not of those rows alone."""
+    seen = {run_id(r["row"], r["fraction"], r["seed"], r["iterations"]) for r in records}
+    others = []
+    for rec_file in sorted((root / "runs").glob("*/record.json")):
+        r = json.loads(rec_file.read_text())
+        if r.get("row") in ROWS and run_id(r["row"], r["fraction"], r["seed"], r["iterations"]) not in seen:
+            others.append(r)
+    return list(records) + others
 
 
 def write_report(root, records, split, settings, t_start, out_json, fig_dir):
+    records = finished_records(root, records)
     table, paired = summarize(records, split) if records else ({}, {})
     text = format_table(table, paired)
     result = {"machine": machine_info(), "command": "python benchmarks/bench_accuracy_2d.py " + " ".join(sys.argv[1:]),
