@@ -218,6 +218,12 @@ def output_key(output: str) -> str:
     return "fused" if o.startswith("fused") else ("T1ce" if "t1ce" in o else ("T2" if "t2" in o else output))
 
 
+def fused_dice(record) -> list:
+    """The run's fused test Dice per case, in % (cases without a Dice left out)."""
+    return [m["dice"] * 100 for o, cs in record["per_case"].items() if output_key(o) == "fused" for m in cs.values()
+            if m["dice"] is not None]
+
+
 def summarize(records, split):
     """Per (fraction, row, iterations, output): mean +- std over test cases x seeds; paired SMMS - nnU-Net per case
     (seed means) with the Wilcoxon signed-rank test."""
@@ -328,9 +334,8 @@ def figures(records, out_dir: Path, stem: str):
         labels, data = [], []
         for row in ROWS:
             for its in sorted({r["iterations"] for r in records}):
-                vals = [m["dice"] * 100 for r in records if r["row"] == row and r["fraction"] == fraction and
-                        r["iterations"] == its for o, cs in r["per_case"].items() if output_key(o) == "fused"
-                        for m in cs.values() if m["dice"] is not None]
+                vals = [d for r in records if r["row"] == row and r["fraction"] == fraction and
+                        r["iterations"] == its for d in fused_dice(r)]
                 if vals:
                     labels.append(f"{row}\n{its} it")
                     data.append(vals)
@@ -345,16 +350,15 @@ def figures(records, out_dir: Path, stem: str):
 
 
 def length_figure(records, out_dir: Path, stem: str):
-    """Fused test Dice (mean over the test cases; one point per seed, the line through the seed means) against
-    the number of training iterations, for every (fraction, row) trained at more than one length."""
+    """Fused test Dice (mean over the test cases) against the number of training iterations, one line per seed,
+    for every (fraction, row) trained at more than one length."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
     points = {}  # (fraction, row) -> seed -> iterations -> mean fused test Dice
     for r in records:
-        f = [m["dice"] * 100 for o, cs in r["per_case"].items() if output_key(o) == "fused" for m in cs.values()
-             if m["dice"] is not None]
+        f = fused_dice(r)
         if f:
             points.setdefault((r["fraction"], r["row"]), {}).setdefault(r["seed"], {})[r["iterations"]] = np.mean(f)
     points = {k: v for k, v in points.items() if len({i for by_its in v.values() for i in by_its}) > 1}
@@ -458,22 +462,18 @@ def main(argv=None) -> int:
               flush=True)
     records = []
     for k, (row, fraction, seed, its) in enumerate(runs, 1):
-        rec_file = root / "runs" / run_id(row, fraction, seed, its) / "record.json"
         if args.report_only:
-            if rec_file.is_file():
-                records.append(json.loads(rec_file.read_text()))
-            continue
-        done = rec_file.is_file()
+            break  # write_report reads every finished run under root/runs
+        done = (root / "runs" / run_id(row, fraction, seed, its) / "record.json").is_file()
         t0 = time.perf_counter()
         print(f"[{k}/{len(runs)}] {row}, {fraction} % labeled, seed {seed}, {its} iterations"
               + (": done before" if done else ": training ..."), flush=True)
         record = do_run(root, datasets, row, fraction, seed, its, args.val_iterations, args.device)
         records.append(record)
-        fused = record["per_case"]
-        f = [m["dice"] for o, cs in fused.items() if output_key(o) == "fused" for m in cs.values()]
+        f = fused_dice(record)
         if not done:
             print(f"[{k}/{len(runs)}] {row}: {time.perf_counter() - t0:.0f} s, fused test Dice "
-                  f"{100 * sum(f) / len(f):.1f} %", flush=True)
+                  f"{sum(f) / len(f):.1f} %", flush=True)
             write_report(root, records, split, settings, t_start, out_json, fig_dir)
     text = write_report(root, records, split, settings, t_start, out_json, fig_dir)
     print(text)
