@@ -6,9 +6,11 @@ labeled-only plan, 600 iterations for every trainer).
     python benchmarks/bench_compare_2d.py [--root DIR] [--seed 0] [--trainers T1,T2,...] [--dry-run]
 
 Resumable (it is `compare`: finished runs are kept, an interrupted one continues with --c). Writes
-benchmarks/results/compare_2d_seed<S>.json (compare's summary + the table) and prints the table. One seed per
-call; the runs of the protocol itself (bench_accuracy_2d.py) are separate and not reused, so that every row here
-comes from the same command.
+benchmarks/results/compare_2d_seed<S>.json (compare's summary + the table + each method's paired per-case
+difference to plain nnU-Net, nnUNetTrainerLabeledOnly, with the Wilcoxon signed-rank p) and prints the tables. One
+seed per call; the runs of the protocol itself (bench_accuracy_2d.py) are separate and not reused, so that every
+row here comes from the same command. `--finished-only` trains nothing: it evaluates the trainers whose runs have
+finished (compare --evaluate-only on them), for a report while the rest is still to be trained.
 """
 import argparse
 import json
@@ -22,11 +24,66 @@ from _common import RESULTS, machine_info, nnunet_env, smms_cli, write_result  #
 from bench_accuracy_2d import CONFIG, ITERS_PER_EPOCH, all_cases, dataset_id, fixed_split, prepare  # noqa: E402
 
 FRACTION = 5
+REFERENCE = "nnUNetTrainerLabeledOnly"
 
 
 def default_trainers():
     from nnunetv2_smms.trainers import TABLE1_TRAINERS
     return [t.__name__ for t in TABLE1_TRAINERS]
+
+
+def read_dice(csv_path: Path) -> dict:
+    """{(method, output): {case: Dice in %}} from compare's metrics_per_case.csv (one region here: whole tumour)."""
+    import csv
+    out = {}
+    with open(csv_path, encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            if r["dice"] not in ("", "nan", "NaN"):
+                out.setdefault((r["method"], r["output"]), {})[r["case"]] = float(r["dice"]) * 100
+    return out
+
+
+def paired_against_reference(dice: dict, reference: str = REFERENCE) -> dict:
+    """Each (method, output) minus the reference method's fused output, per test case: mean difference, cases
+    better, Wilcoxon signed-rank p (None below 5 cases or when every difference is 0)."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+    ref = dice.get((reference, "fused"))
+    if ref is None:
+        return {}
+    paired = {}
+    for (method, output), per_case in dice.items():
+        if method == reference:
+            continue
+        cases = sorted(set(per_case) & set(ref))
+        diff = [per_case[c] - ref[c] for c in cases]
+        p = float(wilcoxon(diff).pvalue) if len(diff) >= 5 and any(d != 0 for d in diff) else None
+        paired[f"{method} {output} - {reference}"] = {
+            "method": method, "output": output, "mean": float(np.mean([per_case[c] for c in cases])),
+            "mean_diff_dice": float(np.mean(diff)), "n_cases": len(cases), "n_better": int(sum(d > 0 for d in diff)),
+            "wilcoxon_p": p, "per_case": dict(zip(cases, diff))}
+    return paired
+
+
+def format_paired(paired: dict, reference: str = REFERENCE) -> str:
+    lines = [f"| method | output | Dice % | - {reference} | better | Wilcoxon p |", "|---|---|---|---|---|---|"]
+    for e in paired.values():
+        p = "-" if e["wilcoxon_p"] is None else f"{e['wilcoxon_p']:.3f}"
+        lines.append(f"| {e['method']} | {e['output']} | {e['mean']:.1f} | {e['mean_diff_dice']:+.1f} | "
+                     f"{e['n_better']}/{e['n_cases']} | {p} |")
+    return "\n".join(lines) + "\n"
+
+
+def results_folder(root: Path, seed: int) -> Path:
+    """nnUNet_results of one seed's runs: nnU-Net's model folders carry no seed, and compare refuses a finished run
+    of another seed, so each seed has its own (seed 0 keeps the name of the first runs, `compare_results`)."""
+    return root / ("compare_results" if seed == 0 else f"compare_results_seed{seed}")
+
+
+def finished_trainers(results: Path, trainers) -> list:
+    """The trainers whose run on the protocol's dataset has checkpoint_final.pth under `results`."""
+    folder = results / next((d.name for d in results.glob(f"Dataset{dataset_id(FRACTION)}_*")), "-")
+    return [t for t in trainers if (folder / f"{t}__nnUNetPlans__{CONFIG}" / "fold_0" / "checkpoint_final.pth").is_file()]
 
 
 def main(argv=None) -> int:
@@ -40,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--val-iterations", type=int, default=10)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dry-run", action="store_true", help="8 mm, 4 iterations, two trainers (the code path only)")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing; evaluate the trainers whose runs have finished")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     trainers = args.trainers.split(",") if args.trainers else default_trainers()
@@ -56,7 +115,14 @@ def main(argv=None) -> int:
     split = fixed_split(all_cases())
     raw = prepare(root, split, [FRACTION], spacing)[FRACTION]
     out = root / f"compare_seed{args.seed}"
-    env = nnunet_env(root, nnUNet_results=root / "compare_results")
+    results = results_folder(root, args.seed)
+    env = nnunet_env(root, nnUNet_results=results)
+    extra = []
+    if args.finished_only:
+        trainers = finished_trainers(results, trainers)
+        if REFERENCE not in trainers:
+            p.error(f"--finished-only: {REFERENCE} (the reference) has not finished under {results}")
+        extra = ["--evaluate-only"]
     t0 = time.perf_counter()
     # compare prints its progress (runs, training logs in OUT/logs) straight to this terminal
     subprocess.run([str(c) for c in smms_cli("compare", "-d", dataset_id(FRACTION), "-c", CONFIG, "-f", "0", "-tr", *trainers,
@@ -64,15 +130,18 @@ def main(argv=None) -> int:
                       "--epochs", max(1, args.iterations // ITERS_PER_EPOCH),
                       "--iterations-per-epoch", min(args.iterations, ITERS_PER_EPOCH),
                       "--val-iterations", args.val_iterations, "--seed", args.seed, "--device", args.device,
-                      "--disable-tta", "-np", "1")], env=env, check=True)
+                      "--disable-tta", "-np", "1", *extra)], env=env, check=True)
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     table = (out / "table.md").read_text(encoding="utf-8")
+    paired = paired_against_reference(read_dice(out / "metrics_per_case.csv"))
     result = {"benchmark": "compare_2d", "machine": machine_info(), "split": split, "fraction": FRACTION,
               "seed": args.seed, "iterations": args.iterations, "trainers": trainers, "spacing_mm": spacing,
-              "wall_seconds": round(time.perf_counter() - t0, 1), "table_md": table, "summary": summary}
+              "wall_seconds": round(time.perf_counter() - t0, 1), "table_md": table,
+              "paired_md": format_paired(paired), "paired": paired, "summary": summary}
     write_result(Path(args.out) if args.out else RESULTS / (
         "compare_2d_dry_run.json" if args.dry_run else f"compare_2d_seed{args.seed}.json"), result)
     print(table)
+    print(format_paired(paired))
     return 0
 
 

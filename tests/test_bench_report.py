@@ -55,3 +55,51 @@ def test_no_length_figure_for_one_length(tmp_path):
     protocol.write_report(root, [], {"test": CASES}, {}, time.perf_counter(), out, tmp_path / "figures")
     assert (tmp_path / "figures" / "acc_curves.png").is_file()
     assert not (tmp_path / "figures" / "acc_length.png").exists()
+
+
+def write_metrics_csv(path, rows):
+    import csv
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "output", "case", "region", "dice"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_compare_paired_against_plain_nnunet(tmp_path):
+    import bench_compare_2d as table1
+    ref = [0.70, 0.60, 0.80, 0.50, 0.65, 0.75]
+    rows = [{"method": table1.REFERENCE, "output": "fused", "case": c, "region": "1", "dice": d}
+            for c, d in zip(CASES, ref)]
+    rows += [{"method": "nnUNetTrainerSMMS", "output": "fused", "case": c, "region": "1", "dice": d + 0.05}
+             for c, d in zip(CASES, ref)]
+    rows += [{"method": "nnUNetTrainerSMMS", "output": "a (T1ce)", "case": c, "region": "1",
+              "dice": d - 0.02 if i < 4 else d + 0.01} for i, (c, d) in enumerate(zip(CASES, ref))]
+    rows += [{"method": "nnUNetTrainerCPS", "output": "fused", "case": c, "region": "1", "dice": d}
+             for c, d in zip(CASES[:5], ref)]  # one case without a prediction: paired over the other five
+    write_metrics_csv(tmp_path / "m.csv", rows)
+    paired = table1.paired_against_reference(table1.read_dice(tmp_path / "m.csv"))
+    smms = paired[f"nnUNetTrainerSMMS fused - {table1.REFERENCE}"]
+    assert abs(smms["mean_diff_dice"] - 5.0) < 1e-9 and smms["n_better"] == 6 and smms["n_cases"] == 6
+    assert abs(smms["mean"] - (100 * sum(ref) / 6 + 5)) < 1e-9
+    assert 0 < smms["wilcoxon_p"] < 0.05
+    branch = paired[f"nnUNetTrainerSMMS a (T1ce) - {table1.REFERENCE}"]
+    assert branch["n_better"] == 2 and abs(branch["mean_diff_dice"] - (-8 + 2) / 6) < 1e-9
+    cps = paired[f"nnUNetTrainerCPS fused - {table1.REFERENCE}"]
+    assert cps["n_cases"] == 5 and cps["wilcoxon_p"] is None  # every difference 0: no test
+    assert not any(k.startswith(table1.REFERENCE) for k in paired)
+    md = table1.format_paired(paired)
+    assert "| nnUNetTrainerSMMS | fused | " in md and "+5.0 | 6/6 |" in md
+
+
+def test_compare_finished_trainers_and_seed_folders(tmp_path):
+    import bench_compare_2d as table1
+    results = table1.results_folder(tmp_path, 1)
+    assert results != table1.results_folder(tmp_path, 0)
+    fold = results / f"Dataset{table1.dataset_id(table1.FRACTION)}_x" / \
+        f"nnUNetTrainerMeanTeacher__nnUNetPlans__{table1.CONFIG}" / "fold_0"
+    fold.mkdir(parents=True)
+    (fold / "checkpoint_latest.pth").write_bytes(b"")
+    trainers = [table1.REFERENCE, "nnUNetTrainerMeanTeacher"]
+    assert table1.finished_trainers(results, trainers) == []  # interrupted is not finished
+    (fold / "checkpoint_final.pth").write_bytes(b"")
+    assert table1.finished_trainers(results, trainers) == ["nnUNetTrainerMeanTeacher"]
