@@ -228,7 +228,6 @@ def summarize(records, split):
     """Per (fraction, row, iterations, output): mean +- std over test cases x seeds; paired SMMS - nnU-Net per case
     (seed means) with the Wilcoxon signed-rank test."""
     import numpy as np
-    from scipy.stats import wilcoxon
     table, per_case_means = {}, {}
     groups = {}
     for r in records:
@@ -257,13 +256,20 @@ def summarize(records, split):
         ref = per_case_means.get((fraction, PLAIN_REFERENCE, its, "fused"))
         if row == PLAIN_REFERENCE or ref is None or row == "nnU-Net all labels":
             continue
-        cases = sorted(set(smms) & set(ref))
-        diff = [smms[c] - ref[c] for c in cases]
-        p = float(wilcoxon(diff).pvalue) if len(diff) >= 5 and any(d != 0 for d in diff) else None
-        paired[f"{fraction}% | {row} {out} - nnU-Net | {its} it"] = {
-            "mean_diff_dice": float(np.mean(diff)), "n_cases": len(cases), "n_better": int(sum(d > 0 for d in diff)),
-            "wilcoxon_p": p, "per_case": dict(zip(cases, diff))}
+        paired[f"{fraction}% | {row} {out} - nnU-Net | {its} it"] = paired_difference(smms, ref)
     return table, paired
+
+
+def paired_difference(values: dict, reference: dict) -> dict:
+    """values - reference per case (the cases both have): mean difference, cases better, Wilcoxon signed-rank p
+    (None below 5 cases or when every difference is 0) and the per-case differences."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+    cases = sorted(set(values) & set(reference))
+    diff = [values[c] - reference[c] for c in cases]
+    p = float(wilcoxon(diff).pvalue) if len(diff) >= 5 and any(d != 0 for d in diff) else None
+    return {"mean_diff_dice": float(np.mean(diff)), "n_cases": len(cases), "n_better": int(sum(d > 0 for d in diff)),
+            "wilcoxon_p": p, "per_case": dict(zip(cases, diff))}
 
 
 def format_table(table, paired) -> str:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine_info, nnunet_env, smms_cli, write_result  # noqa: E402
-from bench_accuracy_2d import CONFIG, ITERS_PER_EPOCH, all_cases, dataset_id, fixed_split, prepare  # noqa: E402
+from bench_accuracy_2d import (CONFIG, ITERS_PER_EPOCH, all_cases, dataset_id, fixed_split,  # noqa: E402
+                               paired_difference, prepare)
 
 FRACTION = 5
 REFERENCE = "nnUNetTrainerLabeledOnly"
@@ -44,24 +45,18 @@ def read_dice(csv_path: Path) -> dict:
 
 
 def paired_against_reference(dice: dict, reference: str = REFERENCE) -> dict:
-    """Each (method, output) minus the reference method's fused output, per test case: mean difference, cases
-    better, Wilcoxon signed-rank p (None below 5 cases or when every difference is 0)."""
+    """Each (method, output) minus the reference method's fused output, per test case (paired_difference), with
+    the method's mean Dice over those cases."""
     import numpy as np
-    from scipy.stats import wilcoxon
     ref = dice.get((reference, "fused"))
     if ref is None:
         return {}
     paired = {}
     for (method, output), per_case in dice.items():
-        if method == reference:
-            continue
-        cases = sorted(set(per_case) & set(ref))
-        diff = [per_case[c] - ref[c] for c in cases]
-        p = float(wilcoxon(diff).pvalue) if len(diff) >= 5 and any(d != 0 for d in diff) else None
-        paired[f"{method} {output} - {reference}"] = {
-            "method": method, "output": output, "mean": float(np.mean([per_case[c] for c in cases])),
-            "mean_diff_dice": float(np.mean(diff)), "n_cases": len(cases), "n_better": int(sum(d > 0 for d in diff)),
-            "wilcoxon_p": p, "per_case": dict(zip(cases, diff))}
+        if method != reference:
+            d = paired_difference(per_case, ref)
+            paired[f"{method} {output} - {reference}"] = {
+                "method": method, "output": output, "mean": float(np.mean([per_case[c] for c in d["per_case"]])), **d}
     return paired
 
 
