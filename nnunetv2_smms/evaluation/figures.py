@@ -86,7 +86,9 @@ def plot_dice_boxplot(path: str, rows: Sequence[dict], region_names: Dict[str, s
         values = [[100 * r["dice"] for r in rows if r["region"] == region and (r["method"], r["output"]) == s]
                   for s in sources]
         ax.boxplot(values, showmeans=True)
-        ax.set_xticks(range(1, len(sources) + 1), [f"{m}\n{o}" for m, o in sources], fontsize=8)
+        # trainer names share nnU-Net's prefix; without it (and slanted) a dozen methods stay readable
+        ax.set_xticks(range(1, len(sources) + 1), [f"{m.removeprefix('nnUNetTrainer') or m}\n{o}"
+                                                   for m, o in sources], fontsize=8, rotation=30, ha="right")
         ax.set_ylabel("DSC (%)")
         ax.set_title(f"Region {region_names.get(region, region)}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
