@@ -10,7 +10,7 @@ benchmarks/results/compare_2d_seed<S>.json (compare's summary + the table + each
 difference to plain nnU-Net, nnUNetTrainerLabeledOnly, with the Wilcoxon signed-rank p) and prints the tables. One
 seed per call; the runs of the protocol itself (bench_accuracy_2d.py) are separate and not reused, so that every
 row here comes from the same command. `--finished-only` trains nothing: it evaluates the trainers whose runs have
-finished (compare --evaluate-only on them), for a report while the rest is still to be trained.
+finished (compare --finished-only), for a report while the rest is still to be trained.
 """
 import argparse
 import json
@@ -75,12 +75,6 @@ def results_folder(root: Path, seed: int) -> Path:
     return root / ("compare_results" if seed == 0 else f"compare_results_seed{seed}")
 
 
-def finished_trainers(results: Path, trainers) -> list:
-    """The trainers whose run on the protocol's dataset has checkpoint_final.pth under `results`."""
-    folder = results / next((d.name for d in results.glob(f"Dataset{dataset_id(FRACTION)}_*")), "-")
-    return [t for t in trainers if (folder / f"{t}__nnUNetPlans__{CONFIG}" / "fold_0" / "checkpoint_final.pth").is_file()]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default=None,
@@ -112,12 +106,7 @@ def main(argv=None) -> int:
     out = root / f"compare_seed{args.seed}"
     results = results_folder(root, args.seed)
     env = nnunet_env(root, nnUNet_results=results)
-    extra = []
-    if args.finished_only:
-        trainers = finished_trainers(results, trainers)
-        if REFERENCE not in trainers:
-            p.error(f"--finished-only: {REFERENCE} (the reference) has not finished under {results}")
-        extra = ["--evaluate-only"]
+    extra = ["--finished-only"] if args.finished_only else []
     t0 = time.perf_counter()
     # compare prints its progress (runs, training logs in OUT/logs) straight to this terminal
     subprocess.run([str(c) for c in smms_cli("compare", "-d", dataset_id(FRACTION), "-c", CONFIG, "-f", "0", "-tr", *trainers,
@@ -127,6 +116,7 @@ def main(argv=None) -> int:
                       "--val-iterations", args.val_iterations, "--seed", args.seed, "--device", args.device,
                       "--disable-tta", "-np", "1", *extra)], env=env, check=True)
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    trainers = summary["settings"]["trainers"]  # --finished-only: the ones in the table
     table = (out / "table.md").read_text(encoding="utf-8")
     paired = paired_against_reference(read_dice(out / "metrics_per_case.csv"))
     result = {"benchmark": "compare_2d", "machine": machine_info(), "split": split, "fraction": FRACTION,

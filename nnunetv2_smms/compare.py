@@ -16,7 +16,8 @@ For each trainer, in the order given (a progress bar over the runs):
 3. **evaluate** all predictions on the same reference cases (``nnunetv2_smms evaluate``'s metrics) and write
    ``metrics_per_case.csv``, ``summary.json``, ``table.md`` and ``figures/dice_boxplot.png`` to ``OUT``.
 
-``--evaluate-only`` trains nothing and stops with an error naming the unfinished runs.
+``--evaluate-only`` trains nothing and stops with an error naming the unfinished runs; ``--finished-only`` trains
+nothing and leaves the unfinished runs out of the table (naming them), for a report while the rest still trains.
 """
 import json
 import os
@@ -203,11 +204,18 @@ def run_compare(args) -> dict:
     for r in runs:
         if r.finished or r.interrupted:
             r.check_schedule(schedule)
-    if args.evaluate_only:
-        missing = [r.trainer for r in runs if not r.finished]
+    missing = [r.trainer for r in runs if not r.finished]
+    if args.evaluate_only and missing:
+        raise CompareError(f"--evaluate-only: {', '.join(missing)} not trained (no "
+                           f"fold_{args.fold}/checkpoint_final.pth); run compare without --evaluate-only, "
+                           f"or with --finished-only to leave them out")
+    if args.finished_only:
+        runs = [r for r in runs if r.finished]
+        if not runs:
+            raise CompareError(f"--finished-only: none of {', '.join(args.trainers)} has finished (no "
+                               f"fold_{args.fold}/checkpoint_final.pth); run compare without --finished-only")
         if missing:
-            raise CompareError(f"--evaluate-only: {', '.join(missing)} not trained (no "
-                               f"fold_{args.fold}/checkpoint_final.pth); run compare without --evaluate-only")
+            print(f"--finished-only: left out (not finished): {', '.join(missing)}", flush=True)
     env = dict(os.environ, nnUNet_extTrainer=ext_trainer_env(os.environ.get("nnUNet_extTrainer", "")))
     num_processes = args.num_processes or default_num_processes
 
@@ -232,7 +240,7 @@ def run_compare(args) -> dict:
     summary = report.summarize(rows)
     out = args.output
     settings = dict(dataset=dataset_name, configuration=args.configuration, fold=args.fold, plans=args.plans,
-                    trainers=list(args.trainers), schedule=schedule,
+                    trainers=[r.trainer for r in runs], schedule=schedule,
                     runs={r.trainer: dict(model_folder=r.model_folder, schedule=r.recorded_schedule()) for r in runs},
                     images=os.path.abspath(args.images), reference=os.path.abspath(args.reference),
                     checkpoint=args.checkpoint, tta=not args.disable_tta, table_distance=args.distance)
@@ -278,7 +286,11 @@ def register(subparsers) -> None:
     p.add_argument("--iterations-per-epoch", type=int, help="training iterations per epoch for every trainer")
     p.add_argument("--val-iterations", type=int, help="validation iterations per epoch for every trainer")
     p.add_argument("--seed", type=int, help="random seed for every trainer")
-    p.add_argument("--evaluate-only", action="store_true", help="train nothing; evaluate finished runs")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--evaluate-only", action="store_true",
+                       help="train nothing; evaluate the runs (an error names any that has not finished)")
+    group.add_argument("--finished-only", action="store_true",
+                       help="train nothing; evaluate the finished runs and leave the others out of the table")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint to predict with")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"],
                    help="device for training and prediction (default: nnU-Net's default / cuda if available)")

@@ -91,15 +91,7 @@ def test_compare_paired_against_plain_nnunet(tmp_path):
     assert "| nnUNetTrainerSMMS | fused | " in md and "+5.0 | 6/6 |" in md
 
 
-def test_compare_finished_trainers_and_seed_folders(tmp_path):
+def test_compare_seed_folders(tmp_path):
     import bench_compare_2d as table1
-    results = table1.results_folder(tmp_path, 1)
-    assert results != table1.results_folder(tmp_path, 0)
-    fold = results / f"Dataset{table1.dataset_id(table1.FRACTION)}_x" / \
-        f"nnUNetTrainerMeanTeacher__nnUNetPlans__{table1.CONFIG}" / "fold_0"
-    fold.mkdir(parents=True)
-    (fold / "checkpoint_latest.pth").write_bytes(b"")
-    trainers = [table1.REFERENCE, "nnUNetTrainerMeanTeacher"]
-    assert table1.finished_trainers(results, trainers) == []  # interrupted is not finished
-    (fold / "checkpoint_final.pth").write_bytes(b"")
-    assert table1.finished_trainers(results, trainers) == ["nnUNetTrainerMeanTeacher"]
+    assert table1.results_folder(tmp_path, 0) == tmp_path / "compare_results"  # the first runs' name is kept
+    assert len({table1.results_folder(tmp_path, s) for s in (0, 1, 2)}) == 3

@@ -119,3 +119,23 @@ def test_a_trainer_that_ignores_the_schedule_is_refused(compared, tmp_path):
     p = run(compare_cmd(compared["raw"], tmp_path, trainers=("nnUNetTrainerNoSuchThing",)), compared["env"],
             expect_ok=False)
     assert p.returncode == 2 and "nnUNetTrainerNoSuchThing not found" in p.stderr
+
+
+def test_finished_only_leaves_the_unfinished_runs_out(compared, tmp_path):
+    # nnUNetTrainerSMMS has no run under this nnUNet_results (its cheaper variant stands in for it above)
+    folder = fold_folder(compared["results"], compared["raw"], "nnUNetTrainerSMMS")
+    p = run(compare_cmd(compared["raw"], tmp_path, "--finished-only", trainers=(TRAINERS[0], "nnUNetTrainerSMMS")),
+            compared["env"])
+    assert "left out (not finished): nnUNetTrainerSMMS" in p.stdout
+    assert not folder.parent.exists(), "--finished-only trains nothing"
+    rows = [line.split("|")[1].strip() for line in (tmp_path / "table.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("| nnUNetTrainer")]
+    assert rows == [TRAINERS[0]]
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert set(summary["results"]) == {TRAINERS[0]} and summary["settings"]["trainers"] == [TRAINERS[0]]
+    p = run(compare_cmd(compared["raw"], tmp_path / "none", "--finished-only", trainers=("nnUNetTrainerSMMS",)),
+            compared["env"], expect_ok=False)
+    assert p.returncode == 2 and "none of nnUNetTrainerSMMS has finished" in p.stderr
+    p = run(compare_cmd(compared["raw"], tmp_path / "none", "--evaluate-only", trainers=("nnUNetTrainerSMMS",)),
+            compared["env"], expect_ok=False)
+    assert p.returncode == 2 and "--finished-only to leave them out" in p.stderr
