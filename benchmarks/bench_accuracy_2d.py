@@ -7,6 +7,8 @@ same number of iterations and several seeds, evaluated on the same 8 test cases.
 
 Resumable: every run (row x fraction x seed) lives in its own nnUNet_results folder under --root and is skipped
 once its evaluation exists; a killed run restarts from scratch (a half-trained model is never evaluated).
+On a fresh machine `--restore-from benchmarks/results/accuracy_2d.json` first puts the committed report's runs
+back into --root as finished runs (their metrics and curves; not their models), so new rows join that report.
 Runs go in priority order (the question first: nnU-Net vs SMMS on the same labels), one at a time, and after
 each one the summary JSON (benchmarks/results/accuracy_2d.json), the table and the figures are rewritten, so a
 partial protocol is already readable. The report always covers every finished run under --root (of any rows,
@@ -393,6 +395,31 @@ def length_figure(records, out_dir: Path, stem: str):
     plt.close(fig)
 
 
+def restore_records(root: Path, report_json: Path) -> list:
+    """Write the runs of an earlier report (its JSON's "runs", per-case metrics and curves) into root/runs as
+    finished runs, so that on a fresh machine (an empty --root) new runs join the earlier ones in one report
+    instead of replacing it. Runs already under root are kept as they are. Returns the run ids written."""
+    report = json.loads(Path(report_json).read_text(encoding="utf-8"))
+    if "runs" not in report:
+        raise SystemExit(f"--restore-from {report_json}: no 'runs' in it; give a JSON this script wrote "
+                         "(e.g. benchmarks/results/accuracy_2d.json)")
+    written = []
+    for r in report["runs"]:
+        missing = [k for k in ("row", "fraction", "seed", "iterations", "per_case") if k not in r]
+        if missing:
+            raise SystemExit(f"--restore-from {report_json}: a run lacks {missing}; give a JSON this script wrote")
+        rid = run_id(r["row"], r["fraction"], r["seed"], r["iterations"])
+        record_file = root / "runs" / rid / "record.json"
+        if record_file.is_file():
+            continue
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**r, "restored_from": str(report_json)}))
+        os.replace(tmp, record_file)
+        written.append(rid)
+    return written
+
+
 def finished_records(root: Path, records) -> list:
     """`records` (this call's runs, in plan order) plus every other finished run of a known row under root/runs,
     so that a call with a few --rows rewrites the report of the whole work folder, not of those rows alone."""
@@ -436,6 +463,9 @@ def main(argv=None) -> int:
                    help="CI-sized: 8 mm, 1 seed x 1 fraction x rows nnU-Net,SMMS, 4 iterations (the code path only)")
     p.add_argument("--report-only", action="store_true", help="rewrite the JSON, table and figures; train nothing")
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/accuracy_2d.json)")
+    p.add_argument("--restore-from", default=None, metavar="JSON",
+                   help="first write the runs of an earlier report (e.g. benchmarks/results/accuracy_2d.json) into "
+                        "--root as finished runs: on a fresh machine new runs then join them in one report")
     args = p.parse_args(argv)
     spacing = SPACING
     if args.dry_run:
@@ -449,6 +479,9 @@ def main(argv=None) -> int:
     fractions = [int(f) for f in args.fractions.split(",")]
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
+    if args.restore_from:
+        restored = restore_records(root, Path(args.restore_from))
+        print(f"restored {len(restored)} finished runs from {args.restore_from} into {root / 'runs'}", flush=True)
     out_json = Path(args.out) if args.out else RESULTS / ("accuracy_2d_dry_run.json" if args.dry_run
                                                           else "accuracy_2d.json")
     fig_dir = out_json.parent / "figures"

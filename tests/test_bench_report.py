@@ -95,3 +95,30 @@ def test_compare_seed_folders(tmp_path):
     import bench_compare_2d as table1
     assert table1.results_folder(tmp_path, 0) == tmp_path / "compare_results"  # the first runs' name is kept
     assert len({table1.results_folder(tmp_path, s) for s in (0, 1, 2)}) == 3
+
+
+def test_restore_from_an_earlier_report_joins_new_runs(tmp_path):
+    """A fresh machine has an empty work folder: --restore-from puts the committed report's runs back as finished
+    runs, so a new row is reported next to them instead of replacing the report."""
+    old_root, out = tmp_path / "old", tmp_path / "results" / "acc.json"
+    write_run(old_root, record("nnU-Net", 0, 1200, 0.70))
+    write_run(old_root, record("SMMS", 0, 1200, 0.75))
+    protocol.write_report(old_root, [], {"test": CASES}, {}, time.perf_counter(), out, tmp_path / "figures")
+    new_root = tmp_path / "fresh"
+    assert sorted(protocol.restore_records(new_root, out)) == ["SMMS__5pct__seed0__1200it",
+                                                               "nnU-Net__5pct__seed0__1200it"]
+    assert protocol.restore_records(new_root, out) == []  # already there: kept, nothing written twice
+    new = [record("SMMS LightMMF", 0, 1200, 0.74)]
+    protocol.write_report(new_root, new, {"test": CASES}, {}, time.perf_counter(), out, tmp_path / "figures")
+    r = json.loads(out.read_text())
+    assert set(r["table"]) == {"5% | nnU-Net | 1200 it", "5% | SMMS | 1200 it", "5% | SMMS LightMMF | 1200 it"}
+    assert abs(r["paired"]["5% | SMMS fused - nnU-Net | 1200 it"]["mean_diff_dice"] - 0.05) < 1e-9
+    assert sum(run_["row"] == "SMMS" for run_ in r["runs"]) == 1
+
+
+def test_restore_from_a_foreign_json_names_it(tmp_path):
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"benchmark": "memory"}))
+    import pytest
+    with pytest.raises(SystemExit, match="other.json"):
+        protocol.restore_records(tmp_path / "w", bad)
