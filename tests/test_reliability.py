@@ -258,6 +258,9 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_the_run(prepared_dataset, t
 # ------------------------------------------------------------------------------------- 4. reproducibility
 
 def test_seeded_cpu_runs_give_identical_losses(prepared_dataset, tmp_path):
+    """The same seed samples the same batches and augmentations, so the losses agree to float32 summation order
+    (rel 1e-4). Not bit for bit: MKL/OpenMP pick the number of threads from the machine's load, which reorders
+    sums in the 6th-7th digit. A run with seeding broken samples other batches and differs by percents."""
     losses = []
     for i in range(2):
         env = dict(prepared_dataset["env"], nnUNet_results=str(tmp_path / f"results{i}"), nnUNet_n_proc_DA="0",
@@ -268,7 +271,10 @@ def test_seeded_cpu_runs_give_identical_losses(prepared_dataset, tmp_path):
         losses.append({k: log[k] for k in ("train_losses", "train_loss_sup_a", "train_loss_sup_b",
                                            "train_loss_unsup", "val_losses")})
     assert all(np.isfinite(losses[0]["train_losses"]))
-    assert losses[0] == losses[1]
+    assert losses[0].keys() == losses[1].keys()
+    for key in losses[0]:
+        assert len(losses[0][key]) == len(losses[1][key]) == 1, key
+        assert float(losses[0][key][0]) == pytest.approx(float(losses[1][key][0]), rel=1e-4), key
 
 
 # ---------------------------------------------------- 6. malformed unlabeled images: exit 2, a message, no output
