@@ -33,7 +33,8 @@ def fold_folder(results, raw, trainer):
 @pytest.fixture(scope="module")
 def compared(prepared_dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
-    env = dict(prepared_dataset["env"], nnUNet_results=str(tmp / "results"))
+    # augmentation in the training process (the worker path is covered by test_end_to_end and test_reliability)
+    env = dict(prepared_dataset["env"], nnUNet_results=str(tmp / "results"), nnUNet_n_proc_DA="0")
     out = tmp / "out"
     first = run(compare_cmd(prepared_dataset["raw"], out), env)
     return {"env": env, "out": out, "results": tmp / "results", "raw": prepared_dataset["raw"], "first": first}
