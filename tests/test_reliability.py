@@ -257,7 +257,7 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_the_run(prepared_dataset, t
 
 # ------------------------------------------------------------------------------------- 4. reproducibility
 
-def test_seeded_cpu_runs_give_identical_losses(prepared_dataset, tmp_path):
+def test_seeded_cpu_runs_give_the_same_losses(prepared_dataset, tmp_path):
     """The same seed samples the same batches and augmentations, so the losses agree to float32 summation order
     (rel 1e-4). Not bit for bit: MKL/OpenMP pick the number of threads from the machine's load, which reorders
     sums in the 6th-7th digit. A run with seeding broken samples other batches and differs by percents."""
