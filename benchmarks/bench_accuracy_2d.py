@@ -6,7 +6,10 @@ same number of iterations and several seeds, evaluated on the same 8 test cases.
                                            [--iterations N] [--dry-run] [--report-only]
 
 Resumable: every run (row x fraction x seed) lives in its own nnUNet_results folder under --root and is skipped
-once its evaluation exists; a killed run restarts from scratch (a half-trained model is never evaluated).
+once its evaluation exists. A killed run goes on from its last epoch's checkpoint_latest.pth with nnU-Net's
+`--c` (every trainer here writes one each epoch; the record lists `resumed_from_epoch`, and its train_seconds add
+the killed attempt's epoch times from the checkpoint's log); a half-trained model is never evaluated. A resumed
+run is not bit-identical to an uninterrupted one (the data loaders restart their random streams).
 On a fresh machine `--restore-from benchmarks/results/accuracy_2d.json` first puts the committed report's runs
 back into --root as finished runs (their metrics and curves; not their models), so new rows join that report.
 Runs go in priority order (the question first: nnU-Net vs SMMS on the same labels), one at a time, and after
@@ -174,11 +177,20 @@ def do_run(root: Path, datasets: dict, row, fraction, seed, iterations, val_iter
                      nnUNet_smms_val_iterations=val_iterations, nnUNet_smms_seed=seed, **extra)
     model = results / raw.name / f"{trainer}__nnUNetPlans__{CONFIG}"
     t0 = time.perf_counter()
+    resumed, prior_s = [], 0.0
     if not (model / f"fold_{fold}" / "checkpoint_final.pth").is_file():
-        if model.exists():
-            shutil.rmtree(model)  # a killed run: start again (nnU-Net's --c would mix two schedules' logs)
-        run(["nnUNetv2_train", dataset_id(fraction), CONFIG, fold, "-tr", trainer, "-device", device], env)
-    train_s = time.perf_counter() - t0
+        cmd = ["nnUNetv2_train", dataset_id(fraction), CONFIG, fold, "-tr", trainer, "-device", device]
+        start = resumable_checkpoint(model / f"fold_{fold}" / "checkpoint_latest.pth")
+        if start is not None:  # a killed run of this very schedule (the folder is per row/seed/iterations): go on
+            epoch, prior_s = start
+            resumed.append(epoch)
+            print(f"    resuming from {model / f'fold_{fold}' / 'checkpoint_latest.pth'} (epoch {epoch})", flush=True)
+            run(cmd + ["--c"], env)
+        else:
+            if model.exists():
+                shutil.rmtree(model)  # killed before its first checkpoint (or in the middle of writing it)
+            run(cmd, env)
+    train_s = time.perf_counter() - t0 + prior_s
     t0 = time.perf_counter()
     ev = out / "eval"
     run(smms_cli("evaluate", "-m", f"{row}={model}", "-i", raw / "imagesTs", "-r", raw / "labelsTs", "-o", ev,
@@ -187,12 +199,29 @@ def do_run(root: Path, datasets: dict, row, fraction, seed, iterations, val_iter
     record = {"row": row, "fraction": fraction, "seed": seed, "iterations": iterations, "trainer": trainer,
               "fold": fold, "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
               "per_case": read_per_case(ev / "metrics_per_case.csv"),
+              "resumed_from_epoch": resumed,
               "curve": read_curve(model / f"fold_{fold}" / "checkpoint_final.pth"),
               "model": str(model)}
     tmp = record_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     os.replace(tmp, record_file)
     return record
+
+
+def resumable_checkpoint(checkpoint: Path):
+    """(epoch, seconds the epochs before it took) of a killed run's checkpoint_latest.pth, or None when there is
+    none or it cannot be read (killed while nnU-Net wrote it): then the run starts again from scratch."""
+    if not checkpoint.is_file():
+        return None
+    import torch
+    try:
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        log = ck["logging"]
+        seconds = sum(e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"]))
+        return int(ck["current_epoch"]), float(seconds)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means the same: train again
+        print(f"    {checkpoint} cannot be read ({type(e).__name__}: {e}); training again from scratch", flush=True)
+        return None
 
 
 def read_per_case(csv_path: Path) -> dict:

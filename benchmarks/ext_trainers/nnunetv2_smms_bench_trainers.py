@@ -6,6 +6,8 @@ num_val_iterations_per_epoch changed, read from the same variables as the SMMS t
 (nnUNet_smms_epochs, nnUNet_smms_iterations_per_epoch, nnUNet_smms_val_iterations), so both get the same schedule.
 nnUNet_smms_seed seeds Python, NumPy and torch as the SMMS trainer does.
 Everything else (network, loss, augmentation, optimizer, LR schedule over the shortened run) is plain nnU-Net.
+Like the SMMS trainers it writes checkpoint_latest.pth every epoch, atomically, so that a killed benchmark run
+goes on with `--c` (this changes no weight: checkpoints are only written).
 """
 import os
 import random
@@ -34,6 +36,14 @@ class nnUNetTrainerBenchShort(nnUNetTrainer):
         self.num_epochs = _env_int("nnUNet_smms_epochs", self.num_epochs)
         self.num_iterations_per_epoch = _env_int("nnUNet_smms_iterations_per_epoch", self.num_iterations_per_epoch)
         self.num_val_iterations_per_epoch = _env_int("nnUNet_smms_val_iterations", self.num_val_iterations_per_epoch)
+        self.save_every = 1
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written to a temporary file and renamed into place (never half-written)."""
+        tmp = filename + ".tmp"
+        super().save_checkpoint(tmp)
+        if self.local_rank == 0 and os.path.isfile(tmp):
+            os.replace(tmp, filename)
 
 
 class nnUNetTrainerSMMS_BenchReplace(nnUNetTrainerSMMS):
