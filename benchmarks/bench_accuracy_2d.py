@@ -257,7 +257,8 @@ def fused_dice(record) -> list:
 
 def summarize(records, split):
     """Per (fraction, row, iterations, output): mean +- std over test cases x seeds; paired SMMS - nnU-Net per case
-    (seed means) with the Wilcoxon signed-rank test."""
+    (seed means) with the Wilcoxon signed-rank test; and SMMS - each SMMS variant (ablations, LightMMF, ...) per
+    case over the seeds both have (the same seeds: a variant run at one seed is paired with SMMS at that seed)."""
     import numpy as np
     table, per_case_means = {}, {}
     groups = {}
@@ -288,7 +289,40 @@ def summarize(records, split):
         if row == PLAIN_REFERENCE or ref is None or row == "nnU-Net all labels":
             continue
         paired[f"{fraction}% | {row} {out} - nnU-Net | {its} it"] = paired_difference(smms, ref)
+    paired.update(paired_against_smms(groups))
     return table, paired
+
+
+def paired_against_smms(groups) -> dict:
+    """SMMS - variant, per output, per case averaged over the seeds both rows have at that fraction and length."""
+    import numpy as np
+
+    def per_case(runs, out):
+        cases = {}
+        for run_ in runs:
+            for o, cs in run_["per_case"].items():
+                if output_key(o) == out:
+                    for c, m in cs.items():
+                        if m["dice"] is not None:
+                            cases.setdefault(c, []).append(m["dice"])
+        return {c: float(np.mean(v)) for c, v in cases.items()}
+
+    paired = {}
+    for (fraction, row, its), runs in groups.items():
+        smms_runs = groups.get((fraction, SMMS_REFERENCE, its), [])
+        if row in (SMMS_REFERENCE, PLAIN_REFERENCE, "nnU-Net all labels") or not smms_runs:
+            continue
+        seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in smms_runs})
+        if not seeds:
+            continue
+        mine = [r for r in runs if r["seed"] in seeds]
+        ref = [r for r in smms_runs if r["seed"] in seeds]
+        for out in ("fused", "T1ce", "T2"):
+            a, b = per_case(ref, out), per_case(mine, out)
+            if a and b:
+                key = f"{fraction}% | SMMS - {row} {out}, seeds {','.join(map(str, seeds))} | {its} it"
+                paired[key] = paired_difference(a, b)
+    return paired
 
 
 def paired_difference(values: dict, reference: dict) -> dict:

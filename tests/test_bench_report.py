@@ -122,3 +122,21 @@ def test_restore_from_a_foreign_json_names_it(tmp_path):
     import pytest
     with pytest.raises(SystemExit, match="other.json"):
         protocol.restore_records(tmp_path / "w", bad)
+
+
+def test_variants_are_paired_with_smms_on_the_same_seeds(tmp_path):
+    """SMMS - ablation per case over the seeds both rows have: an ablation run at seed 1 only is compared with
+    SMMS's seed 1, not with SMMS's mean over seeds 0 and 1."""
+    root = tmp_path / "w"
+    write_run(root, record("SMMS", 0, 1200, 0.60))
+    write_run(root, record("SMMS", 1, 1200, 0.80))
+    ablation = record("SMMS MMF+MAE", 1, 1200, 0.77)
+    ablation["per_case"]["T1ce branch"] = {c: {"dice": 0.5, "asd": 1.0} for c in CASES}
+    write_run(root, ablation)
+    out = tmp_path / "acc.json"
+    protocol.write_report(root, [], {"test": CASES}, {}, time.perf_counter(), out, tmp_path / "figures")
+    paired = json.loads(out.read_text())["paired"]
+    fused = paired["5% | SMMS - SMMS MMF+MAE fused, seeds 1 | 1200 it"]
+    assert abs(fused["mean_diff_dice"] - 0.03) < 1e-9 and fused["n_better"] == 6 and fused["n_cases"] == 6
+    assert not any("T1ce" in k for k in paired)  # SMMS's records here have no T1ce output: nothing to pair
+    assert "SMMS - SMMS MMF+MAE fused, seeds 1" in (root / "acc_table.md").read_text()
