@@ -280,8 +280,7 @@ def summarize(records, split):
                                      if len(dice) > 1 else None, "asd_mean": float(np.mean(asd)) if asd else None,
                                      "asd_std": float(np.std(asd, ddof=1)) if len(asd) > 1 else None,
                                      "n": len(dice), "n_asd": len(asd)}
-            per_case_means[(fraction, row, its, out)] = {c: float(np.mean([m["dice"] for m in ms]))
-                                                         for c, ms in cases.items()}
+            per_case_means[(fraction, row, its, out)] = case_means(runs, out)
         table[f"{fraction}% | {row} | {its} it"] = entry
     paired = {}
     for (fraction, row, its, out), smms in per_case_means.items():
@@ -293,20 +292,21 @@ def summarize(records, split):
     return table, paired
 
 
+def case_means(runs, out) -> dict:
+    """Per test case: the mean Dice of one output over the given runs (seeds); cases without a Dice left out."""
+    import numpy as np
+    cases = {}
+    for run_ in runs:
+        for o, cs in run_["per_case"].items():
+            if output_key(o) == out:
+                for c, m in cs.items():
+                    if m["dice"] is not None:
+                        cases.setdefault(c, []).append(m["dice"])
+    return {c: float(np.mean(v)) for c, v in cases.items()}
+
+
 def paired_against_smms(groups) -> dict:
     """SMMS - variant, per output, per case averaged over the seeds both rows have at that fraction and length."""
-    import numpy as np
-
-    def per_case(runs, out):
-        cases = {}
-        for run_ in runs:
-            for o, cs in run_["per_case"].items():
-                if output_key(o) == out:
-                    for c, m in cs.items():
-                        if m["dice"] is not None:
-                            cases.setdefault(c, []).append(m["dice"])
-        return {c: float(np.mean(v)) for c, v in cases.items()}
-
     paired = {}
     for (fraction, row, its), runs in groups.items():
         smms_runs = groups.get((fraction, SMMS_REFERENCE, its), [])
@@ -318,7 +318,7 @@ def paired_against_smms(groups) -> dict:
         mine = [r for r in runs if r["seed"] in seeds]
         ref = [r for r in smms_runs if r["seed"] in seeds]
         for out in ("fused", "T1ce", "T2"):
-            a, b = per_case(ref, out), per_case(mine, out)
+            a, b = case_means(ref, out), case_means(mine, out)
             if a and b:
                 key = f"{fraction}% | SMMS - {row} {out}, seeds {','.join(map(str, seeds))} | {its} it"
                 paired[key] = paired_difference(a, b)
