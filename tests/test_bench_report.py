@@ -95,6 +95,48 @@ def test_compare_seed_folders(tmp_path):
     import bench_compare_2d as table1
     assert table1.results_folder(tmp_path, 0) == tmp_path / "compare_results"  # the first runs' name is kept
     assert len({table1.results_folder(tmp_path, s) for s in (0, 1, 2)}) == 3
+    # another length at the same seed never meets the 600-it runs (compare would refuse their schedule)
+    folders = {table1.results_folder(tmp_path, s, n) for s in (0, 1) for n in (600, 1200)}
+    assert len(folders) == 4 and tmp_path / "compare_results" in folders
+
+
+def compare_result(seed, iterations, per_case_dice):
+    return {"benchmark": "compare_2d", "seed": seed, "iterations": iterations, "per_case_dice": per_case_dice}
+
+
+def test_compare_aggregate_pairs_seed_means_with_nnunet():
+    """Seeds together: per case, the method's mean over its seeds minus nnU-Net's mean over the same seeds; a
+    method run at one seed only is paired with nnU-Net's run at that seed, not with its mean over all seeds."""
+    import bench_compare_2d as table1
+    ref = table1.REFERENCE
+    base = dict(zip(CASES, [70.0, 60.0, 80.0, 50.0, 65.0, 75.0]))
+    shift = lambda d, x: {c: v + x for c, v in d.items()}  # noqa: E731
+    part_a0 = compare_result(0, 1200, {ref: {"fused": base}, "nnUNetTrainerSMMS": {"fused": shift(base, 4)}})
+    part_b0 = compare_result(0, 1200, {ref: {"fused": base}, "nnUNetTrainerCPS": {"fused": shift(base, -1)}})
+    seed1 = compare_result(1, 1200, {ref: {"fused": shift(base, 10)}, "nnUNetTrainerSMMS": {"fused": shift(base, 12)}})
+    agg = table1.aggregate([part_a0, part_b0, seed1])
+    rows = agg["rows"]
+    assert agg["seeds"] == [0, 1] and agg["iterations"] == 1200
+    nn = rows[f"{ref} | fused"]
+    assert nn["seeds"] == [0, 1] and abs(nn["dice_mean"] - (sum(base.values()) / 6 + 5)) < 1e-9
+    assert nn["n"] == 12 and "paired" not in nn  # the same run met twice at seed 0 counts once
+    smms = rows["nnUNetTrainerSMMS | fused"]
+    assert smms["paired_seeds"] == [0, 1] and abs(smms["paired"]["mean_diff_dice"] - 3.0) < 1e-9  # (4 + 2) / 2
+    assert smms["paired"]["n_better"] == 6 and smms["paired"]["n_cases"] == 6
+    cps = rows["nnUNetTrainerCPS | fused"]
+    assert cps["paired_seeds"] == [0] and abs(cps["paired"]["mean_diff_dice"] + 1.0) < 1e-9  # not -6 (seed 1's 10)
+    md = table1.format_aggregate(agg)
+    assert "| nnUNetTrainerSMMS | fused | 0,1 |" in md and "+3.0 | 6/6 |" in md and "-1.0 | 0/6 |" in md
+
+
+def test_compare_aggregate_refuses_mixed_lengths_and_old_results():
+    import bench_compare_2d as table1
+    import pytest
+    ok = compare_result(0, 1200, {table1.REFERENCE: {"fused": {"a": 1.0}}})
+    with pytest.raises(SystemExit, match="different lengths"):
+        table1.aggregate([ok, compare_result(1, 600, {})])
+    with pytest.raises(SystemExit, match="per_case_dice"):
+        table1.aggregate([ok, {"seed": 2, "iterations": 1200}])
 
 
 def test_restore_from_an_earlier_report_joins_new_runs(tmp_path):
