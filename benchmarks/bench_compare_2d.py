@@ -4,7 +4,7 @@ the real-data CPU protocol of bench_accuracy_2d.py (22 BraTS 2018 cases, T1ce + 
 labeled-only plan, 600 iterations for every trainer).
 
     python benchmarks/bench_compare_2d.py [--root DIR] [--seed 0] [--iterations 600] [--trainers T1,T2,...] [--dry-run]
-    python benchmarks/bench_compare_2d.py --aggregate results/compare_2d_seed*_1200it*.json
+    python benchmarks/bench_compare_2d.py --aggregate benchmarks/results/compare_2d_seed*_1200it*.json
 
 Resumable (it is `compare`: finished runs are kept, an interrupted one continues with --c). Writes
 benchmarks/results/compare_2d_seed<S>[_<N>it].json (compare's summary + the table + each method's per-case Dice and
