@@ -73,19 +73,14 @@ def format_paired(paired: dict, reference: str = REFERENCE) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_tag(seed: int, iterations: int = DEFAULT_ITERATIONS) -> str:
-    """The suffix that keeps one (seed, schedule) apart from the others: nnU-Net's model folders carry neither, and
-    compare refuses a finished run of another schedule. The first runs (seed 0, 600 it) keep their names."""
-    return ("" if seed == 0 else f"_seed{seed}") + length_tag(iterations)
-
-
 def length_tag(iterations: int) -> str:
     return "" if iterations == DEFAULT_ITERATIONS else f"_{iterations}it"
 
 
 def results_folder(root: Path, seed: int, iterations: int = DEFAULT_ITERATIONS) -> Path:
-    """nnUNet_results of one (seed, length)'s runs (seed 0 at 600 it keeps the first runs' `compare_results`)."""
-    return root / f"compare_results{run_tag(seed, iterations)}"
+    """nnUNet_results of one (seed, length)'s runs: nnU-Net's model folders carry neither, and compare refuses a
+    finished run of another schedule (seed 0 at 600 it keeps the first runs' name, `compare_results`)."""
+    return root / f"compare_results{'' if seed == 0 else f'_seed{seed}'}{length_tag(iterations)}"
 
 
 def per_case_table(dice: dict) -> dict:
@@ -129,15 +124,18 @@ def aggregate(results: list, reference: str = REFERENCE) -> dict:
                "dice_std": float(np.std(values, ddof=1)) if len(values) > 1 else None, "n": len(values)}
         common = sorted(set(seeds) & set(ref))
         if method != reference and common:
-            mine = {c: float(np.mean([seeds[s][c] for s in common])) for c in set.intersection(
-                *(set(seeds[s]) for s in common))}
-            theirs = {c: float(np.mean([ref[s][c] for s in common])) for c in set.intersection(
-                *(set(ref[s]) for s in common))}
             row["paired_seeds"] = common
-            row["paired"] = paired_difference(mine, theirs)
+            row["paired"] = paired_difference(over_seeds(seeds, common), over_seeds(ref, common))
         rows[f"{method} | {output}"] = row
     return {"iterations": its.pop(), "seeds": sorted({r["seed"] for r in results}), "reference": reference,
             "rows": rows}
+
+
+def over_seeds(per_seed: dict, seeds: list) -> dict:
+    """{case: mean Dice over the given seeds}, for the cases every one of those seeds has."""
+    import numpy as np
+    cases = set.intersection(*(set(per_seed[s]) for s in seeds))
+    return {c: float(np.mean([per_seed[s][c] for s in seeds])) for c in cases}
 
 
 def format_aggregate(agg: dict) -> str:
