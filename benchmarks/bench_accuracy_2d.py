@@ -256,16 +256,17 @@ def fused_dice(record) -> list:
 
 
 def summarize(records, split):
-    """Per (fraction, row, iterations, output): mean +- std over test cases x seeds; paired SMMS - nnU-Net per case
-    (seed means) with the Wilcoxon signed-rank test; and SMMS - each SMMS variant (ablations, LightMMF, ...) per
-    case over the seeds both have (the same seeds: a variant run at one seed is paired with SMMS at that seed)."""
+    """Per (fraction, row, iterations, output): mean +- std over test cases x seeds; each row - nnU-Net (fused) and
+    SMMS - each SMMS variant (ablations, LightMMF, ...) per test case with the Wilcoxon signed-rank test, both over
+    the seeds the two rows have in common (seed means; a row run at seeds 0-1 is paired with nnU-Net's seeds 0-1,
+    not with its mean over three seeds)."""
     import numpy as np
-    table, per_case_means = {}, {}
+    table = {}
     groups = {}
     for r in records:
         groups.setdefault((r["fraction"], r["row"], r["iterations"]), []).append(r)
-    for (fraction, row, its), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], list(ROWS).index(kv[0][1]),
-                                                                           kv[0][2])):
+    groups = dict(sorted(groups.items(), key=lambda kv: (kv[0][0], list(ROWS).index(kv[0][1]), kv[0][2])))
+    for (fraction, row, its), runs in groups.items():
         outputs = {}
         for run_ in runs:
             for out, cases in run_["per_case"].items():
@@ -280,16 +281,29 @@ def summarize(records, split):
                                      if len(dice) > 1 else None, "asd_mean": float(np.mean(asd)) if asd else None,
                                      "asd_std": float(np.std(asd, ddof=1)) if len(asd) > 1 else None,
                                      "n": len(dice), "n_asd": len(asd)}
-            per_case_means[(fraction, row, its, out)] = case_means(runs, out)
         table[f"{fraction}% | {row} | {its} it"] = entry
     paired = {}
-    for (fraction, row, its, out), smms in per_case_means.items():
-        ref = per_case_means.get((fraction, PLAIN_REFERENCE, its, "fused"))
-        if row == PLAIN_REFERENCE or ref is None or row == "nnU-Net all labels":
+    for (fraction, row, its), runs in groups.items():
+        plain = groups.get((fraction, PLAIN_REFERENCE, its), [])
+        if row in (PLAIN_REFERENCE, "nnU-Net all labels"):
             continue
-        paired[f"{fraction}% | {row} {out} - nnU-Net | {its} it"] = paired_difference(smms, ref)
+        for out in ("fused", "T1ce", "T2"):
+            pair = paired_on_common_seeds(runs, out, plain, "fused")
+            if pair:
+                paired[f"{fraction}% | {row} {out} - nnU-Net, seeds {pair['seeds']} | {its} it"] = pair
     paired.update(paired_against_smms(groups))
     return table, paired
+
+
+def paired_on_common_seeds(runs, out, ref_runs, ref_out):
+    """runs' output `out` - ref_runs' output `ref_out`, per case averaged over the seeds both have (None if they
+    share no seed or an output is missing); the seeds are in the result, e.g. "0,1"."""
+    seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in ref_runs})
+    a = case_means([r for r in runs if r["seed"] in seeds], out) if seeds else {}
+    b = case_means([r for r in ref_runs if r["seed"] in seeds], ref_out) if seeds else {}
+    if not (a and b):
+        return None
+    return {**paired_difference(a, b), "seeds": ",".join(map(str, seeds))}
 
 
 def case_means(runs, out) -> dict:
@@ -312,16 +326,10 @@ def paired_against_smms(groups) -> dict:
         smms_runs = groups.get((fraction, SMMS_REFERENCE, its), [])
         if row in (SMMS_REFERENCE, PLAIN_REFERENCE, "nnU-Net all labels") or not smms_runs:
             continue
-        seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in smms_runs})
-        if not seeds:
-            continue
-        mine = [r for r in runs if r["seed"] in seeds]
-        ref = [r for r in smms_runs if r["seed"] in seeds]
         for out in ("fused", "T1ce", "T2"):
-            a, b = case_means(ref, out), case_means(mine, out)
-            if a and b:
-                key = f"{fraction}% | SMMS - {row} {out}, seeds {','.join(map(str, seeds))} | {its} it"
-                paired[key] = paired_difference(a, b)
+            pair = paired_on_common_seeds(smms_runs, out, runs, out)
+            if pair:
+                paired[f"{fraction}% | SMMS - {row} {out}, seeds {pair['seeds']} | {its} it"] = pair
     return paired
 
 

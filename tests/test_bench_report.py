@@ -41,7 +41,7 @@ def test_report_keeps_earlier_runs_and_draws_length(tmp_path):
                                "5% | nnU-Net all labels | 600 it"}
     assert r["table"]["5% | nnU-Net | 600 it"]["seeds"] == [0, 1]
     assert r["runs"][0]["row"] == "nnU-Net all labels"  # this call's runs first
-    smms = r["paired"]["5% | SMMS fused - nnU-Net | 600 it"]
+    smms = r["paired"]["5% | SMMS fused - nnU-Net, seeds 0,1 | 600 it"]
     assert abs(smms["mean_diff_dice"] - 0.05) < 1e-9 and smms["n_better"] == 6
     assert "SMMS ModalityDropout" not in (run_["row"] for run_ in r["runs"])
     assert (tmp_path / "figures" / "acc_length.png").stat().st_size > 5000
@@ -154,7 +154,7 @@ def test_restore_from_an_earlier_report_joins_new_runs(tmp_path):
     protocol.write_report(new_root, new, {"test": CASES}, {}, time.perf_counter(), out, tmp_path / "figures")
     r = json.loads(out.read_text())
     assert set(r["table"]) == {"5% | nnU-Net | 1200 it", "5% | SMMS | 1200 it", "5% | SMMS LightMMF | 1200 it"}
-    assert abs(r["paired"]["5% | SMMS fused - nnU-Net | 1200 it"]["mean_diff_dice"] - 0.05) < 1e-9
+    assert abs(r["paired"]["5% | SMMS fused - nnU-Net, seeds 0 | 1200 it"]["mean_diff_dice"] - 0.05) < 1e-9
     assert sum(run_["row"] == "SMMS" for run_ in r["runs"]) == 1
 
 
@@ -182,3 +182,21 @@ def test_variants_are_paired_with_smms_on_the_same_seeds(tmp_path):
     assert abs(fused["mean_diff_dice"] - 0.03) < 1e-9 and fused["n_better"] == 6 and fused["n_cases"] == 6
     assert not any("T1ce" in k for k in paired)  # SMMS's records here have no T1ce output: nothing to pair
     assert "SMMS - SMMS MMF+MAE fused, seeds 1" in (root / "acc_table.md").read_text()
+
+
+def test_rows_are_paired_with_nnunet_on_the_same_seeds(tmp_path):
+    """row - nnU-Net per case over the seeds both have: an ablation run at seeds 0 and 1 is compared with nnU-Net's
+    seeds 0 and 1, not with nnU-Net's mean over three seeds; a row sharing no seed with nnU-Net gets no pair."""
+    root = tmp_path / "w"
+    for seed, dice in ((0, 0.60), (1, 0.70), (2, 0.95)):
+        write_run(root, record("nnU-Net", seed, 1200, dice))
+    write_run(root, record("SMMS MMF", 0, 1200, 0.62))
+    write_run(root, record("SMMS MMF", 1, 1200, 0.74))
+    write_run(root, record("SMMS", 3, 1200, 0.80))
+    out = tmp_path / "acc.json"
+    protocol.write_report(root, [], {"test": CASES}, {}, time.perf_counter(), out, tmp_path / "figures")
+    paired = json.loads(out.read_text())["paired"]
+    mmf = paired["5% | SMMS MMF fused - nnU-Net, seeds 0,1 | 1200 it"]
+    assert abs(mmf["mean_diff_dice"] - 0.03) < 1e-9 and mmf["n_better"] == 6 and mmf["seeds"] == "0,1"
+    assert not any(k.startswith("5% | SMMS fused - nnU-Net") for k in paired)
+    assert "SMMS MMF fused - nnU-Net, seeds 0,1" in (root / "acc_table.md").read_text()
