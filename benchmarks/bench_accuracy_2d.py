@@ -299,8 +299,8 @@ def paired_on_common_seeds(runs, out, ref_runs, ref_out):
     """runs' output `out` - ref_runs' output `ref_out`, per case averaged over the seeds both have (None if they
     share no seed or an output is missing); the seeds are in the result, e.g. "0,1"."""
     seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in ref_runs})
-    a = case_means([r for r in runs if r["seed"] in seeds], out) if seeds else {}
-    b = case_means([r for r in ref_runs if r["seed"] in seeds], ref_out) if seeds else {}
+    a = case_means([r for r in runs if r["seed"] in seeds], out)  # {} when no seed is shared
+    b = case_means([r for r in ref_runs if r["seed"] in seeds], ref_out)
     if not (a and b):
         return None
     return {**paired_difference(a, b), "seeds": ",".join(map(str, seeds))}
