@@ -383,9 +383,9 @@ def figures(records, out_dir: Path, stem: str):
         for r in records:
             if r["fraction"] == fraction:
                 groups.setdefault((r["row"], r["iterations"]), []).append(r)
-        for (row, its), runs in groups.items():
-            label = row if its == max(x["iterations"] for x in records) or len({x["iterations"] for x in records}) \
-                == 1 else f"{row} ({its} it)"
+        colors = plt.get_cmap("tab20").colors  # tab10 repeats its colours past 10 rows
+        for g, ((row, its), runs) in enumerate(groups.items()):
+            label = row if len({x["iterations"] for x in records}) == 1 else f"{row} ({its} it)"
             for i, (key, title) in enumerate((("mean_fg_dice", "validation pseudo Dice (fused)"),
                                                ("train_losses", "training loss"))):
                 curves = [x["curve"].get(key) for x in runs if x["curve"].get(key)]
@@ -394,7 +394,7 @@ def figures(records, out_dir: Path, stem: str):
                 n = min(map(len, curves))
                 mean = np.mean([c[:n] for c in curves], 0)
                 x = (np.arange(n) + 1) * ITERS_PER_EPOCH
-                line, = axes[i][j].plot(x, mean, label=f"{label} (n={len(curves)})")
+                line, = axes[i][j].plot(x, mean, color=colors[g % len(colors)], label=f"{label} (n={len(curves)})")
                 if key == "mean_fg_dice":
                     for bkey, style in (("mean_fg_dice_a", ":"), ("mean_fg_dice_b", "--")):
                         bc = [x_["curve"].get(bkey) for x_ in runs if x_["curve"].get(bkey)]
