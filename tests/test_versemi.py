@@ -427,6 +427,33 @@ def test_stage_one_draws_no_unlabeled_batch(versemi_trainer, fixed_step):
     assert t.next_unlabeled_batch() is not None and t._stage == 2
 
 
+def test_detaching_the_aggregate_changes_the_update_and_the_variant_sets_it(versemi_trainer, fixed_step):
+    from nnunetv2_smms.trainers import TRAINERS, nnUNetTrainerVerSemi_DetachedAggregate
+    t = versemi_trainer
+    _, u_attached = seeded_update(t, fixed_step, labeled_only_fraction=0.0)
+    out, u_detached = seeded_update(t, fixed_step, labeled_only_fraction=0.0, detach_aggregate=True)
+    _, u_no_aggregate = seeded_update(t, fixed_step, labeled_only_fraction=0.0, aggregate_weight=0.0)
+    assert out["loss_aggregate"] > 0
+    assert (u_detached - u_attached).norm() > 1e-4 * u_attached.norm(), "the class prompts' gradient is unchanged"
+    assert (u_detached - u_no_aggregate).norm() > 1e-4 * u_no_aggregate.norm(), "detached, the term trains nothing"
+    assert nnUNetTrainerVerSemi_DetachedAggregate.detach_aggregate is True
+    assert nnUNetTrainerVerSemi_DetachedAggregate in TRAINERS
+
+
+def test_the_stage_one_only_variant_uses_no_unlabeled_cases(prepared_dataset, tmp_path_factory):
+    from nnunetv2_smms.trainers import TRAINERS, nnUNetTrainerVerSemi, nnUNetTrainerVerSemi_Stage1Only
+    assert nnUNetTrainerVerSemi_Stage1Only in TRAINERS
+    assert nnUNetTrainerVerSemi.supervised_only_alternative.split()[0] == "nnUNetTrainerVerSemi_Stage1Only"
+    with started_trainer(prepared_dataset, tmp_path_factory, "nnUNetTrainerVerSemi_Stage1Only") as t:
+        assert t.uses_unlabeled is False and t.dataloader_unlabeled is None and t._stage == 1
+        t._iteration = t.num_epochs * t.num_iterations_per_epoch - 1  # the last step is still stage 1
+        assert t.next_unlabeled_batch() is None and t._stage == 1
+        out = t.train_step(next(t.dataloader_train))
+        assert np.isnan(out["loss_aggregate"]) and out["loss_specific"] > 0 and out["loss_sup"] > 0
+        recorded = t.plans_manager.plans["configurations"]["3d_fullres"]["semi_supervised"]["versemi"]
+        assert recorded["labeled_only_fraction"] == 1.0
+
+
 def test_validation_scores_the_combined_class_prompts(versemi_trainer):
     t = versemi_trainer
     batch = next(t.dataloader_val)

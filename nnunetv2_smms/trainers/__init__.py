@@ -12,7 +12,8 @@ from nnunetv2_smms.trainers.mmcml import nnUNetTrainerMMCML
 from nnunetv2_smms.trainers.nnUNetTrainerSMMS import nnUNetTrainerSMMS
 from nnunetv2_smms.trainers.semi_supervised import nnUNetTrainerSemiSupervised
 from nnunetv2_smms.trainers.urpc import nnUNetTrainerURPC
-from nnunetv2_smms.trainers.versemi import nnUNetTrainerVerSemi
+from nnunetv2_smms.trainers.versemi import (nnUNetTrainerVerSemi, nnUNetTrainerVerSemi_DetachedAggregate,
+                                            nnUNetTrainerVerSemi_Stage1Only)
 from nnunetv2_smms.trainers.variants import (nnUNetTrainerSMMS_Baseline, nnUNetTrainerSMMS_LightMMF,
                                              nnUNetTrainerSMMS_MMF, nnUNetTrainerSMMS_MMF_MAE,
                                              nnUNetTrainerSMMS_MMF_MCML, nnUNetTrainerSMMS_ModalityDropout)
@@ -29,7 +30,7 @@ OTHER_METHODS = (nnUNetTrainerVerSemi, nnUNetTrainerDKUXNet)
 # trainers a user can pass to nnUNetv2_train -tr (the base class is not one: it has no method)
 TRAINERS = tuple(dict.fromkeys(TABLE1_TRAINERS + TABLE2_ABLATIONS + OTHER_METHODS + (
     nnUNetTrainerSMMS_LightMMF, nnUNetTrainerSMMS_ModalityDropout, nnUNetTrainerCPS_Original,
-    nnUNetTrainerDKUXNet_Light)))
+    nnUNetTrainerDKUXNet_Light, nnUNetTrainerVerSemi_Stage1Only, nnUNetTrainerVerSemi_DetachedAggregate)))
 TRAINER_NAMES = tuple(t.__name__ for t in TRAINERS)
 
 __all__ = ["TRAINERS", "TABLE1_TRAINERS", "TABLE2_ABLATIONS", "OTHER_METHODS", "TRAINER_NAMES", "nnUNetTrainerSemiSupervised",

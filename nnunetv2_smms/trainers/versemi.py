@@ -152,7 +152,7 @@ class nnUNetTrainerVerSemi(nnUNetTrainerSemiSupervised):
     head_channels = 8
     hidden_layers = 2
     combination = "one_minus_max"      # eval: background = 1 - max_c p_c | "zero_logit"
-    supervised_only_alternative = "nnUNetTrainerVerSemi with labeled_only_fraction = 1.0 (a subclass)"
+    supervised_only_alternative = "nnUNetTrainerVerSemi_Stage1Only (stage 1 only: labeled cases)"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -298,3 +298,17 @@ class nnUNetTrainerVerSemi(nnUNetTrainerSemiSupervised):
         logits = net.forward_prompts(data, net.class_prompts)
         y, valid = self.class_targets(target)
         return self.sup_weight * dice_bce(logits, y, valid), {"": net.combine(logits)}
+
+
+# ------------------------------------------------------------------------------------------ diagnostic variants
+class nnUNetTrainerVerSemi_Stage1Only(nnUNetTrainerVerSemi):
+    """VerSemi's first stage for the whole schedule (labeled cases and their CutMix only; the source's released
+    ``__main__``): needs no unlabeled cases. Against nnUNetTrainerVerSemi it shows what stage 2 adds."""
+    labeled_only_fraction = 1.0
+    supervised_only_alternative = "nnUNetTrainerVerSemi_Stage1Only (this trainer: it uses no unlabeled cases)"
+
+
+class nnUNetTrainerVerSemi_DetachedAggregate(nnUNetTrainerVerSemi):
+    """VerSemi with the aggregate of the class prompts detached in the unlabeled term: a pseudo-label for the
+    synthetic prompt, so the unlabeled cases no longer pull the class prompts (which predict) towards it."""
+    detach_aggregate = True
