@@ -305,7 +305,6 @@ class nnUNetTrainerVerSemi_Stage1Only(nnUNetTrainerVerSemi):
     """VerSemi's first stage for the whole schedule (labeled cases and their CutMix only; the source's released
     ``__main__``): needs no unlabeled cases. Against nnUNetTrainerVerSemi it shows what stage 2 adds."""
     labeled_only_fraction = 1.0
-    supervised_only_alternative = "nnUNetTrainerVerSemi_Stage1Only (this trainer: it uses no unlabeled cases)"
 
 
 class nnUNetTrainerVerSemi_DetachedAggregate(nnUNetTrainerVerSemi):
