@@ -125,6 +125,11 @@ def test_compare_aggregate_pairs_seed_means_with_nnunet():
     assert smms["paired"]["n_better"] == 6 and smms["paired"]["n_cases"] == 6
     cps = rows["nnUNetTrainerCPS | fused"]
     assert cps["paired_seeds"] == [0] and abs(cps["paired"]["mean_diff_dice"] + 1.0) < 1e-9  # not -6 (seed 1's 10)
+    # a retrained nnU-Net run at seed 0 (another machine) weighs as much as the run met twice, not a third
+    part_c0 = compare_result(0, 1200, {ref: {"fused": shift(base, 3)}, "nnUNetTrainerEntropyMin": {"fused": base}})
+    again = table1.aggregate([part_a0, part_b0, part_c0])["rows"]
+    assert abs(again[f"{ref} | fused"]["dice_mean"] - (sum(base.values()) / 6 + 1.5)) < 1e-9
+    assert abs(again["nnUNetTrainerEntropyMin | fused"]["paired"]["mean_diff_dice"] + 1.5) < 1e-9
     md = table1.format_aggregate(agg)
     assert "| nnUNetTrainerSMMS | fused | 0,1 |" in md and "+3.0 | 6/6 |" in md and "-1.0 | 0/6 |" in md
 
