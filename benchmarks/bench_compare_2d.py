@@ -108,19 +108,16 @@ def aggregate(results: list, reference: str = REFERENCE) -> dict:
     if missing:
         raise SystemExit(f"results of seed(s) {missing} have no per_case_dice (written before session 14): rerun "
                          "that call with --finished-only to rewrite them")
-    runs = {}  # (method, output) -> seed -> [{case: Dice}], each distinct run once
+    seen, by_seed = [], {}  # by_seed: (method, output) -> seed -> case -> [Dice]
     for r in results:
         for method, outputs in r["per_case_dice"].items():
             for output, cases in outputs.items():
-                seen = runs.setdefault((method, output), {}).setdefault(r["seed"], [])
-                if cases not in seen:  # the nnU-Net row is in every call of a seed: the same run counts once
-                    seen.append(cases)
-    by_seed = {}  # (method, output) -> seed -> case -> [Dice]
-    for key, seeds in runs.items():
-        for seed, per_run in seeds.items():
-            for cases in per_run:
+                run = (method, output, r["seed"], cases)
+                if run in seen:  # the nnU-Net row is in every call of a seed: the same run counts once
+                    continue
+                seen.append(run)
                 for case, d in cases.items():
-                    by_seed.setdefault(key, {}).setdefault(seed, {}).setdefault(case, []).append(d)
+                    by_seed.setdefault((method, output), {}).setdefault(r["seed"], {}).setdefault(case, []).append(d)
     seed_means = {k: {s: {c: float(np.mean(v)) for c, v in cs.items()} for s, cs in seeds.items()}
                   for k, seeds in by_seed.items()}
     ref = seed_means.get((reference, "fused"), {})
