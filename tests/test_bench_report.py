@@ -205,3 +205,41 @@ def test_rows_are_paired_with_nnunet_on_the_same_seeds(tmp_path):
     assert abs(mmf["mean_diff_dice"] - 0.03) < 1e-9 and mmf["n_better"] == 6 and mmf["seeds"] == "0,1"
     assert not any(k.startswith("5% | SMMS fused - nnU-Net") for k in paired)
     assert "SMMS MMF fused - nnU-Net, seeds 0,1" in (root / "acc_table.md").read_text()
+
+
+def test_compare_curves_collect_average_and_redraw(tmp_path):
+    """plot_compare_curves: each finished run's curve is read from its checkpoint_final.pth, per seed folder;
+    curves are averaged over the seeds a method has (truncated to the shortest); the JSON it writes redraws the
+    figures without the runs; no finished run is a clear error naming the root."""
+    import pytest
+    import torch
+    import bench_compare_2d as table1
+    import plot_compare_curves as pc
+    root = tmp_path / "root"
+
+    def run(seed, trainer, dice, loss):
+        fold = (table1.results_folder(root, seed, 1200) / "Dataset621_X" / f"{trainer}__nnUNetPlans__2d" / "fold_0")
+        fold.mkdir(parents=True)
+        torch.save({"logging": {"mean_fg_dice": dice, "train_losses": loss}}, fold / "checkpoint_final.pth")
+
+    run(0, table1.REFERENCE, [0.2, 0.4, 0.6], [1.0, 0.5, 0.4])
+    run(2, table1.REFERENCE, [0.4, 0.6], [0.8, 0.3])
+    run(2, "nnUNetTrainerSMMS", [0.5, 0.7], [0.9, 0.2])
+    (table1.results_folder(root, 1, 1200) / "Dataset621_X" / "nnUNetTrainerCPS__nnUNetPlans__2d" / "fold_0").mkdir(
+        parents=True)  # an unfinished run: no checkpoint_final.pth
+    curves = pc.collect(root, 1200, [0, 1, 2])
+    assert sorted(curves) == [table1.REFERENCE, "nnUNetTrainerSMMS"]
+    assert sorted(curves[table1.REFERENCE]) == ["0", "2"] and list(curves["nnUNetTrainerSMMS"]) == ["2"]
+    mean, n = pc.mean_curve(list(curves[table1.REFERENCE].values()), "mean_fg_dice")
+    assert n == 2 and [round(v, 6) for v in mean] == [0.3, 0.5]
+    out = tmp_path / "out"
+    assert pc.main(["--root", str(root), "--iterations", "1200", "--results", str(out)]) == 0
+    saved = json.loads((out / "compare_2d_1200it_curves.json").read_text())
+    assert saved["curves"]["nnUNetTrainerSMMS"]["2"]["train_losses"] == [0.9, 0.2]
+    png = out / "figures" / "compare_2d_1200it_curves.png"
+    assert png.stat().st_size > 0
+    png.unlink()
+    assert pc.main(["--from-json", str(out / "compare_2d_1200it_curves.json"), "--results", str(out)]) == 0
+    assert png.exists()
+    with pytest.raises(SystemExit, match="no finished run"):
+        pc.collect(root, 600, [0])
