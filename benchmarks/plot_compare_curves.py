@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_result  # noqa: E402
 from bench_accuracy_2d import ITERS_PER_EPOCH, read_curve  # noqa: E402
-from bench_compare_2d import REFERENCE, length_tag, results_folder  # noqa: E402
+from bench_compare_2d import REFERENCE, default_trainers, length_tag, results_folder  # noqa: E402
 
 SHORT = {"nnUNetTrainerLabeledOnly": "nnU-Net", "nnUNetTrainerEntropyMin": "EM",
          "nnUNetTrainerMeanTeacher": "MT"}
@@ -91,9 +91,8 @@ def plot_differences(agg: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in agg["rows"].values() if r["output"] == "fused" and r.get("paired")
-            and r["method"] in {*SHORT, *(f"nnUNetTrainer{m}" for m in
-                                          ("SMMS", "URPC", "CPS", "ICT", "MLRPL", "CMC", "MMCML", "VerSemi"))}]
+    keep = {*default_trainers(), "nnUNetTrainerVerSemi"}  # the Table-1 rows, not the VerSemi ablations
+    rows = [r for r in agg["rows"].values() if r["output"] == "fused" and r.get("paired") and r["method"] in keep]
     rows.sort(key=lambda r: -r["paired"]["mean_diff_dice"])
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for i, r in enumerate(rows):
