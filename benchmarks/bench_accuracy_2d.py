@@ -244,6 +244,16 @@ def read_curve(checkpoint: Path) -> dict:
     return {k: [float(x) for x in log[k]] for k in keep if k in log}
 
 
+def mean_curve(curves: list, key: str):
+    """(mean over the runs' curves of `key`, truncated to the shortest; how many runs had it), or (None, 0)."""
+    import numpy as np
+    got = [c[key] for c in curves if c.get(key)]
+    if not got:
+        return None, 0
+    n = min(map(len, got))
+    return np.mean([c[:n] for c in got], 0), len(got)
+
+
 def output_key(output: str) -> str:
     o = output.lower()
     return "fused" if o.startswith("fused") else ("T1ce" if "t1ce" in o else ("T2" if "t2" in o else output))
@@ -388,18 +398,17 @@ def figures(records, out_dir: Path, stem: str):
             label = row if len({x["iterations"] for x in records}) == 1 else f"{row} ({its} it)"
             for i, (key, title) in enumerate((("mean_fg_dice", "validation pseudo Dice (fused)"),
                                                ("train_losses", "training loss"))):
-                curves = [x["curve"].get(key) for x in runs if x["curve"].get(key)]
-                if not curves:
+                mean, n_runs = mean_curve([x["curve"] for x in runs], key)
+                if mean is None:
                     continue
-                n = min(map(len, curves))
-                mean = np.mean([c[:n] for c in curves], 0)
-                x = (np.arange(n) + 1) * ITERS_PER_EPOCH
-                line, = axes[i][j].plot(x, mean, color=colors[g % len(colors)], label=f"{label} (n={len(curves)})")
-                if key == "mean_fg_dice":
+                x = (np.arange(len(mean)) + 1) * ITERS_PER_EPOCH
+                line, = axes[i][j].plot(x, mean, color=colors[g % len(colors)], label=f"{label} (n={n_runs})")
+                if key == "mean_fg_dice" and row == SMMS_REFERENCE:
                     for bkey, style in (("mean_fg_dice_a", ":"), ("mean_fg_dice_b", "--")):
-                        bc = [x_["curve"].get(bkey) for x_ in runs if x_["curve"].get(bkey)]
-                        if bc and row == SMMS_REFERENCE:
-                            axes[i][j].plot(x, np.mean([c[:n] for c in bc], 0), style, color=line.get_color(),
+                        bmean, _ = mean_curve([x_["curve"] for x_ in runs], bkey)
+                        if bmean is not None:
+                            m = min(len(x), len(bmean))
+                            axes[i][j].plot(x[:m], bmean[:m], style, color=line.get_color(),
                                             label=f"{label} branch {'a (T1ce)' if bkey.endswith('a') else 'b (T2)'}")
                 axes[i][j].set_title(f"{fraction} % labeled: {title}")
                 axes[i][j].set_xlabel("iteration")

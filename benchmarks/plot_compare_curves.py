@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_result  # noqa: E402
-from bench_accuracy_2d import ITERS_PER_EPOCH, read_curve  # noqa: E402
+from bench_accuracy_2d import ITERS_PER_EPOCH, mean_curve, read_curve  # noqa: E402
 from bench_compare_2d import REFERENCE, default_trainers, length_tag, results_folder  # noqa: E402
 
 SHORT = {"nnUNetTrainerLabeledOnly": "nnU-Net", "nnUNetTrainerEntropyMin": "EM",
@@ -43,15 +43,6 @@ def collect(root: Path, iterations: int, seeds: list) -> dict:
     return curves
 
 
-def mean_curve(runs: list, key: str):
-    import numpy as np
-    got = [r[key] for r in runs if r.get(key)]
-    if not got:
-        return None, 0
-    n = min(map(len, got))
-    return np.mean([c[:n] for c in got], 0), len(got)
-
-
 def plot_curves(curves: dict, path: Path, iterations: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -63,7 +54,7 @@ def plot_curves(curves: dict, path: Path, iterations: int) -> None:
         runs = list(per_seed.values())
         color = colors[g % len(colors)]
         for ax, key in zip(axes, ("mean_fg_dice", "train_losses")):
-            mean, n = mean_curve(runs, key)
+            mean, _ = mean_curve(runs, key)
             if mean is None:
                 continue
             x = (np.arange(len(mean)) + 1) * ITERS_PER_EPOCH
@@ -73,7 +64,8 @@ def plot_curves(curves: dict, path: Path, iterations: int) -> None:
                 for bkey, style, name in BRANCHES:
                     bmean, _ = mean_curve(runs, bkey)
                     if bmean is not None:
-                        ax.plot(x[:len(bmean)], bmean, style, color=color, lw=1, label=f"{short(trainer)} {name}")
+                        m = min(len(x), len(bmean))
+                        ax.plot(x[:m], bmean[:m], style, color=color, lw=1, label=f"{short(trainer)} {name}")
     axes[0].set_title(f"validation pseudo Dice (fused), mean over seeds; {iterations} iterations")
     axes[1].set_title("training loss (each method's own loss), mean over seeds")
     for ax in axes:
